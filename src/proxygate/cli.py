@@ -1,0 +1,47 @@
+"""`proxygate gateway|worker ...`: the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Sequence
+
+USAGE = """usage: proxygate COMMAND [flags]
+
+commands:
+  gateway   run the forward proxy and inference gateway (proxygate gateway --help)
+"""
+
+
+def _run(coro_factory: object) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency on Linux
+        return asyncio.run(coro_factory())  # type: ignore[operator,no-any-return]
+    return uvloop.run(coro_factory())  # type: ignore[operator,no-any-return]
+
+
+def gateway_main(argv: Sequence[str]) -> int:
+    from .config import settings_from_args
+    from .observability.logging import setup_logging
+    from .server import serve
+
+    settings = settings_from_args(argv)
+    setup_logging(settings.log_format, settings.debug)
+    return _run(lambda: serve(settings))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "gateway":
+        return gateway_main(rest)
+    sys.stderr.write(f"proxygate: unknown command {command!r}\n{USAGE}")
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Gateway settings: one frozen object, parsed and validated at the edge.
+
+Every flag accepts the seed's Go spelling (`-read-timeout`) and the GNU one
+(`--read-timeout`), both `-flag value` and `-flag=value`, and has an
+environment variable (`PROXYGATE_READ_TIMEOUT`) that replaces its default.
+A bad value anywhere exits 2 with one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import sys
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping, NoReturn, Sequence
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go duration (`500ms`, `30s`, `1h30m`) into seconds.
+
+    A bare number is taken as seconds, which is what an operator typing
+    `-read-timeout 30` means; Go itself would reject it.
+    """
+    text = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    if text == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or pos == 0:
+        raise ValueError(f"invalid duration {text!r} (use e.g. 500ms, 30s, 5m, 1h30m)")
+    return total
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "t", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "f", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"invalid boolean {text!r}")
+
+
+def parse_positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"invalid integer {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"must be positive, got {value}")
+    return value
+
+
+def parse_non_negative_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`:8080`, `127.0.0.1:8080`, `[::1]:8080` → (host, port); empty host = all interfaces."""
+    text = text.strip()
+    match = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]*)):(\d+)", text)
+    if not match:
+        raise ValueError(f"invalid listen address {text!r} (use HOST:PORT, :PORT or [V6]:PORT)")
+    host = match.group(1) or match.group(2) or ""
+    port = int(match.group(3))
+    if port > 65535:
+        raise ValueError(f"port out of range in {text!r}")
+    return host, port
+
+
+def parse_host_port(text: str) -> str:
+    parse_listen(text if ":" in text else text + ":0")
+    return text.strip()
+
+
+def parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"invalid choice {text!r} (choose from {', '.join(choices)})")
+        return text
+
+    return parse
+
+
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    nets = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"invalid CIDR {item!r}") from None
+    return tuple(nets)
+
+
+def parse_ports(text: str) -> frozenset[int] | None:
+    """Comma list of ports or ranges (`443,8443,9000-9100`); `*` means any (None)."""
+    text = text.strip()
+    if text == "*":
+        return None
+    ports: set[int] = set()
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        low, _, high = item.partition("-")
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise ValueError(f"invalid port {item!r}") from None
+        if not 1 <= first <= last <= 65535:
+            raise ValueError(f"port out of range {item!r}")
+        ports.update(range(first, last + 1))
+    return frozenset(ports)
+
+
+def parse_addr_list(text: str) -> tuple[str, ...]:
+    return tuple(parse_host_port(a) for a in text.split(",") if a.strip())
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+)\s*([KMG]i?B?)?", text.strip(), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"invalid size {text!r} (use e.g. 65536, 64KiB, 1MiB)")
+    scale = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[(match.group(2) or "")[:1].lower()]
+    value = int(match.group(1)) * scale
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    name: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+    boolean: bool = False
+
+    @property
+    def field(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return "PROXYGATE_" + self.field.upper()
+
+
+GATEWAY_FLAGS: tuple[Flag, ...] = (
+    Flag("listen", ":8080", parse_listen, "address to listen on (HOST:PORT, :PORT, [V6]:PORT)"),
+    Flag("proto", "http", parse_choice("http", "https"), "listener protocol: http or https"),
+    Flag("pem", "", str, "TLS certificate chain (PEM) for -proto https"),
+    Flag("key", "", str, "TLS private key (PEM) for -proto https"),
+    Flag("debug", "false", parse_bool, "debug logging", boolean=True),
+    Flag("log-format", "json", parse_choice("json", "text"), "log format: json or text"),
+    Flag("limiter", "memory", parse_choice("memory", "redis"), "rate limiter: memory or redis"),
+    Flag("redis-addr", "localhost:6379", parse_host_port, "Redis address for -limiter redis"),
+    Flag("rate-limit", "100", parse_positive_int, "requests per minute per client"),
+    Flag("rate-burst", "20", parse_positive_int, "burst size per client"),
+    Flag("worker-addrs", "", parse_addr_list, "comma-separated inference worker addresses"),
+    Flag("read-timeout", "30s", parse_non_negative_duration, "time to read a request's headers; a stalled body read"),
+    Flag("write-timeout", "60s", parse_non_negative_duration, "time a single write may stall (not a whole response)"),
+    Flag("idle-timeout", "120s", parse_non_negative_duration, "idle keep-alive connection and idle tunnel timeout"),
+    Flag("dial-timeout", "10s", parse_non_negative_duration, "upstream connect timeout"),
+    Flag("inference-timeout", "5m", parse_non_negative_duration, "max inference request duration"),
+    Flag("shutdown-timeout", "30s", parse_non_negative_duration, "graceful shutdown timeout"),
+    Flag("blocklist", "configs/blocklist.json", str, "blocklist file (JSON: {\"blocked_domains\": [...]})"),
+    Flag("connect-ports", "443", parse_ports, "ports CONNECT may reach: comma list/ranges, or * for any"),
+    Flag(
+        "deny-destinations",
+        "127.0.0.0/8,::1/128,0.0.0.0/8,169.254.0.0/16,fe80::/10",
+        parse_networks,
+        "CIDRs no proxied request or tunnel may reach (empty: allow all)",
+    ),
+    Flag("trusted-proxies", "", parse_networks, "CIDRs whose X-Forwarded-For / X-Real-IP is believed"),
+    Flag("max-header-size", "64KiB", parse_size, "largest request line + headers (431 beyond)"),
+    Flag("upstream-idle-per-host", "32", parse_positive_int, "idle upstream keep-alive connections kept per host"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    listen: tuple[str, int] = ("", 8080)
+    proto: str = "http"
+    pem: str = ""
+    key: str = ""
+    debug: bool = False
+    log_format: str = "json"
+    limiter: str = "memory"
+    redis_addr: str = "localhost:6379"
+    rate_limit: int = 100
+    rate_burst: int = 20
+    worker_addrs: tuple[str, ...] = ()
+    read_timeout: float = 30.0
+    write_timeout: float = 60.0
+    idle_timeout: float = 120.0
+    dial_timeout: float = 10.0
+    inference_timeout: float = 300.0
+    shutdown_timeout: float = 30.0
+    blocklist: str = "configs/blocklist.json"
+    connect_ports: frozenset[int] | None = frozenset({443})
+    deny_destinations: tuple[IPNetwork, ...] = parse_networks(
+        "127.0.0.0/8,::1/128,0.0.0.0/8,169.254.0.0/16,fe80::/10"
+    )
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    max_header_size: int = 64 * 1024
+    upstream_idle_per_host: int = 32
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _flag_type(flag: Flag) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return flag.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = flag.name  # argparse names the type in some messages
+    return convert
+
+
+def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag], environ: Mapping[str, str]) -> None:
+    for flag in flags:
+        default_text = environ.get(flag.env, flag.default)
+        try:
+            default = flag.parse(default_text)
+        except ValueError as exc:
+            parser.error(f"environment {flag.env}: {exc}")
+        kwargs: dict[str, Any] = dict(
+            dest=flag.field,
+            default=default,
+            type=_flag_type(flag),
+            help=f"{flag.help} (default {flag.default!r}; env {flag.env})",
+            metavar=flag.field.upper() if not flag.boolean else "BOOL",
+        )
+        if flag.boolean:
+            kwargs.update(nargs="?", const=True)
+        parser.add_argument(f"-{flag.name}", f"--{flag.name}", **kwargs)
+
+
+def gateway_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="proxygate gateway",
+        description="HTTP/HTTPS forward proxy and LLM inference gateway on one port.",
+        allow_abbrev=False,
+    )
+    add_flags(parser, GATEWAY_FLAGS, os.environ if environ is None else environ)
+    return parser
+
+
+def settings_from_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> GatewaySettings:
+    parser = gateway_parser(environ)
+    ns = parser.parse_args(list(argv))
+    values = {f.name: getattr(ns, f.name) for f in fields(GatewaySettings)}
+    settings = GatewaySettings(**values)
+    if settings.proto == "https" and not (settings.pem and settings.key):
+        parser.error("argument -proto: https needs -pem and -key")
+    return settings
+
+
+def die(message: str, code: int = 2) -> NoReturn:
+    sys.stderr.write(message.rstrip("\n") + "\n")
+    raise SystemExit(code)

@@ -1,0 +1,64 @@
+"""Errors the gateway answers with a status code, in one small hierarchy.
+
+Handlers raise; the connection turns an `HttpError` into a response in one
+place. `status` is the code, `reason` the one-line text body a user sees.
+"""
+
+from __future__ import annotations
+
+
+class HttpError(Exception):
+    status = 500
+
+    def __init__(self, reason: str, *, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.headers = headers
+
+
+class BadRequest(HttpError):
+    status = 400
+
+
+class Forbidden(HttpError):
+    status = 403
+
+
+class NotFound(HttpError):
+    status = 404
+
+
+class MethodNotAllowed(HttpError):
+    status = 405
+
+
+class RequestTimeout(HttpError):
+    status = 408
+
+
+class PayloadTooLarge(HttpError):
+    status = 413
+
+
+class HeadersTooLarge(HttpError):
+    status = 431
+
+
+class BadGateway(HttpError):
+    status = 502
+
+
+class ServiceUnavailable(HttpError):
+    status = 503
+
+
+class GatewayTimeout(HttpError):
+    status = 504
+
+
+class DestinationDenied(Forbidden):
+    """A proxied destination refused by policy (port, address range, loop)."""
+
+
+class WriteStalled(Exception):
+    """The peer stopped reading our bytes for longer than the write timeout."""

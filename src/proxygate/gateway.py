@@ -1,0 +1,205 @@
+"""The gateway application: one object owning all per-process state.
+
+It decides what each request is (CONNECT tunnel, absolute-form proxy request,
+or a call to our own API), applies the blocklist and destination policy, and
+records one access-log line and the metrics when a request is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .api import ApiRouter, origin_path
+from .config import GatewaySettings
+from .errors import BadRequest, DestinationDenied, HttpError
+from .http.connection import ClientConnection
+from .http.message import Request
+from .observability.logging import AccessLog
+from .observability.metrics import GatewayMetrics
+from .policy.blocklist import BlocklistFile
+from .policy.destinations import DestinationPolicy
+from .proxy.connect import open_tunnel, parse_authority
+from .proxy.dial import Dialer
+from .proxy.forward import Forwarder, Target, block_page
+from .proxy.upstream import UpstreamPool
+
+log = logging.getLogger("proxygate.gateway")
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        metrics: GatewayMetrics | None = None,
+        access_log: AccessLog | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or GatewayMetrics()
+        self.access_log = access_log or AccessLog(settings.log_format)
+        self.blocklist = BlocklistFile(settings.blocklist)
+        self.policy = DestinationPolicy.from_settings(settings)
+        self.dialer = Dialer(self.policy, settings.dial_timeout)
+        self.pool = UpstreamPool(self.dialer, settings.upstream_idle_per_host, settings.idle_timeout)
+        self.forwarder = Forwarder(self.pool, settings.read_timeout)
+        self.connections: set[ClientConnection] = set()
+        self.shutting_down = False
+        self.ready = False
+        self.api = ApiRouter()
+        self.api.add("/metrics", ("GET",), self._metrics)
+        self.api.add("/healthz", ("GET",), self._healthz)
+        self.api.add("/readyz", ("GET",), self._readyz)
+        self._all_closed: asyncio.Event | None = None
+
+    def bound(self, port: int) -> None:
+        """The listener is up on `port` (known only now when asked for port 0)."""
+        self.policy = DestinationPolicy.from_settings(self.settings, bound_port=port)
+        self.dialer.policy = self.policy
+        self.ready = True
+
+    # ---- connection bookkeeping ---------------------------------------------
+
+    def connection_opened(self, conn: ClientConnection) -> None:
+        self.connections.add(conn)
+        self.metrics.active_connections.inc()
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        self.metrics.active_connections.dec()
+        if self._all_closed is not None and not self.connections:
+            self._all_closed.set()
+
+    # ---- dispatch ------------------------------------------------------------
+
+    async def handle(self, req: Request, conn: ClientConnection) -> None:
+        if req.method == "CONNECT":
+            await self._connect(req, conn)
+        elif req.target[:1] == b"/":
+            await self.api.dispatch(req, origin_path(req.target), conn)
+        elif req.is_absolute_form:
+            target = Target(req.target)
+            if self.policy.names_own_listener(target.host, target.port):
+                await self.api.dispatch(req, origin_path(target.path), conn)
+                return
+            if self.blocklist.current.is_blocked(target.host):
+                self.metrics.blocked.inc()
+                conn.send(403, [(b"Content-Type", b"text/html; charset=utf-8")], block_page(target.host))
+                return
+            if req.upgrade:
+                # Protocol upgrades are not relayed: the request goes through
+                # as plain HTTP, and the connection ends after it.
+                conn.close_after = True
+            try:
+                await self.forwarder.forward(req, target, conn)
+            except DestinationDenied:
+                self.metrics.denied.labels("destination").inc()
+                raise
+            except HttpError as exc:
+                self.metrics.upstream_errors.labels(str(exc.status)).inc()
+                raise
+        elif req.target == b"*" and req.method == "OPTIONS":
+            conn.send(200, [(b"Allow", b"GET, HEAD, POST, CONNECT, OPTIONS")])
+        else:
+            raise BadRequest("request target must be a path, an absolute http:// URL, or host:port for CONNECT")
+
+    async def _connect(self, req: Request, conn: ClientConnection) -> None:
+        host, port = parse_authority(req.target)
+        conn.close_after = True
+        if self.blocklist.current.is_blocked(host):
+            self.metrics.blocked.inc()
+            conn.send(403, [])
+            return
+        try:
+            self.policy.check_connect_port(port)
+            tunnel = await open_tunnel(req, host, port, conn, self.dialer, self.settings.idle_timeout)
+        except DestinationDenied:
+            self.metrics.denied.labels("connect").inc()
+            self.metrics.tunnels.labels("denied").inc()
+            raise
+        except HttpError:
+            self.metrics.tunnels.labels("dial_failed").inc()
+            raise
+        self.metrics.active_tunnels.inc()
+        try:
+            why = await tunnel.done
+        finally:
+            self.metrics.active_tunnels.dec()
+            self.metrics.tunnel_bytes.labels("up").inc(tunnel.bytes_up)
+            self.metrics.tunnel_bytes.labels("down").inc(tunnel.bytes_down)
+        self.metrics.tunnels.labels("idle_timeout" if why == "idle timeout" else "closed").inc()
+        conn.bytes_out = tunnel.bytes_down
+        req.content_length = tunnel.bytes_up
+
+    def request_done(self, req: Request, conn: ClientConnection) -> None:
+        elapsed = time.perf_counter() - req.started
+        status = conn.status or 499  # 499: the client went away before an answer
+        self.metrics.observe_request(req.method, status, elapsed, conn.bytes_out)
+        host, path = _log_host_path(req)
+        body = req.body
+        self.access_log.write(
+            request_id=req.request_id,
+            status=status,
+            method=req.method,
+            host=host,
+            path=path,
+            client_ip=req.peer_ip,
+            duration_ms=elapsed * 1000.0,
+            bytes_in=body.received if body is not None else (req.content_length or 0),
+            bytes_out=conn.bytes_out,
+        )
+
+    # ---- our own endpoints ---------------------------------------------------
+
+    async def _metrics(self, req: Request, conn: ClientConnection) -> None:
+        conn.send(200, [(b"Content-Type", self.metrics.content_type.encode())], self.metrics.render())
+
+    async def _healthz(self, req: Request, conn: ClientConnection) -> None:
+        conn.send(200, [(b"Content-Type", b"application/json")], b'{"status":"ok"}\n')
+
+    async def _readyz(self, req: Request, conn: ClientConnection) -> None:
+        if self.ready and not self.shutting_down:
+            conn.send(200, [(b"Content-Type", b"application/json")], b'{"status":"ready"}\n')
+        else:
+            state = b"shutting down" if self.shutting_down else b"starting"
+            conn.send(503, [(b"Content-Type", b"application/json"), (b"Retry-After", b"5")],
+                      b'{"status":"%s"}\n' % state)
+
+    # ---- shutdown --------------------------------------------------------------
+
+    async def drain_connections(self, timeout: float) -> int:
+        """Ask every connection to finish; abort what is left after `timeout`.
+
+        Returns how many had to be aborted.
+        """
+        self.shutting_down = True
+        self._all_closed = asyncio.Event()
+        for conn in list(self.connections):
+            conn.shutdown()
+        if self.connections:
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        left = list(self.connections)
+        for conn in left:
+            conn.abort()
+        self.pool.close_all()
+        self.access_log.flush()
+        return len(left)
+
+
+def _log_host_path(req: Request) -> tuple[str, str]:
+    target = req.target
+    if req.method == "CONNECT":
+        return target.decode("latin-1")[:256], ""
+    if target[:1] == b"/":
+        host = (req.host_header or b"").decode("latin-1")[:256]
+        return host, origin_path(target).decode("latin-1")[:512]
+    scheme_end = target.find(b"://")
+    rest = target[scheme_end + 3 :] if scheme_end != -1 else target
+    slash = rest.find(b"/")
+    host = rest if slash == -1 else rest[:slash]
+    path = b"/" if slash == -1 else origin_path(rest[slash:])
+    return host.decode("latin-1")[:256], path.decode("latin-1")[:512]

@@ -1,0 +1,492 @@
+"""One client connection: httptools feeds requests in, one task answers them in order.
+
+The protocol object does no I/O of its own beyond the transport it is given:
+`data_received` feeds the parser, parser callbacks build `Request`s into a
+queue, and a single serving task (started when the queue fills, ending when it
+empties) hands each to the application and writes the response. Pipelined
+requests are therefore answered strictly in order. A connection can be turned
+into a byte relay (`become_relay`) for CONNECT tunnels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Protocol
+
+import httptools
+
+from ..errors import BadRequest, HeadersTooLarge, HttpError, RequestTimeout, WriteStalled
+from .flow import BodyBuffer, WriteFlow
+from .message import Headers, ParseFailure, Request, new_request_id, pick_request_id, render_head
+
+if TYPE_CHECKING:
+    from ..config import GatewaySettings
+
+log = logging.getLogger("proxygate.http")
+
+# Pipelined requests held before we stop reading from the client.
+MAX_PIPELINED = 32
+
+
+class Application(Protocol):
+    settings: GatewaySettings
+
+    async def handle(self, request: Request, conn: ClientConnection) -> None: ...
+
+    def request_done(self, request: Request, conn: ClientConnection) -> None: ...
+
+    def connection_opened(self, conn: ClientConnection) -> None: ...
+
+    def connection_closed(self, conn: ClientConnection) -> None: ...
+
+
+class RelaySink(Protocol):
+    """Where a relayed connection's bytes go (the far side of a tunnel)."""
+
+    def from_client(self, data: bytes) -> None: ...
+
+    def client_eof(self) -> None: ...
+
+    def client_lost(self) -> None: ...
+
+    def client_paused_writing(self) -> None: ...
+
+    def client_resumed_writing(self) -> None: ...
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, app: Application) -> None:
+        self.app = app
+        self.settings = app.settings
+        self.loop = asyncio.get_event_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer_ip = ""
+        self.flow = WriteFlow()
+        self.parser = httptools.HttpRequestParser(self)
+        self.pending: deque[Request | ParseFailure] = deque()
+        self.closed = False
+        self.draining = False  # set at shutdown: finish the current request, then close
+        self.relay: RelaySink | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading_paused = False
+        self._parse_stopped = False
+        self._upgrade_tail = b""
+        # per request being parsed
+        self._in_head = False
+        self._head_bytes = 0
+        self._url = b""
+        self._headers: Headers = []
+        self._head_size = 0
+        self._parsing: Request | None = None
+        self._content_length: int | None = None
+        self._chunked = False
+        self._expect_continue = False
+        self._host: bytes | None = None
+        self._rid: bytes | None = None
+        # per response being written
+        self.current: Request | None = None
+        self.response_started = False
+        self.status = 0
+        self.bytes_out = 0
+        self.close_after = False
+        self._continue_sent = False
+
+    # ---- transport callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else ""
+        self.app.connection_opened(self)
+        self._arm(self.settings.read_timeout, self._on_read_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._disarm()
+        self.flow.close()
+        err = ConnectionResetError("client connection lost")
+        if self._parsing is not None and self._parsing.body is not None:
+            self._parsing.body.set_exception(err)
+        for req in self.pending:
+            if isinstance(req, Request) and req.body is not None:
+                req.body.set_exception(err)
+        if self.current is not None and self.current.body is not None:
+            self.current.body.set_exception(err)
+        if self.relay is not None:
+            self.relay.client_lost()
+        if self._serving is not None and not self._serving.done() and self.relay is None:
+            # Nobody is left to read the answer: stop the handler (it cancels
+            # its upstream work in turn).
+            self._serving.cancel()
+        self.app.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        self.flow.pause()
+        if self.relay is not None:
+            self.relay.client_paused_writing()
+
+    def resume_writing(self) -> None:
+        self.flow.resume()
+        if self.relay is not None:
+            self.relay.client_resumed_writing()
+
+    def eof_received(self) -> bool | None:
+        if self.relay is not None:
+            self.relay.client_eof()
+            return True  # keep our sending half open: half-close
+        if self._parsing is not None and self._parsing.body is not None:
+            self._parsing.body.set_exception(ConnectionResetError("client closed mid-body"))
+        if self._serving is not None and not self._serving.done():
+            # The client may half-close after a request and still read the answer.
+            self.close_after = True
+            return True
+        return None
+
+    def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        if relay is not None:
+            relay.from_client(data)
+            return
+        if self._parse_stopped:
+            self._upgrade_tail += data
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0]
+            self._upgrade_tail = data[offset:]
+            self._stop_parsing()
+            return
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._parse_failed(cause if isinstance(cause, HttpError) else BadRequest("malformed request"))
+            return
+        except httptools.HttpParserError as exc:
+            self._parse_failed(BadRequest(f"malformed request: {_parser_message(exc)}"))
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.settings.max_header_size:
+                self._parse_failed(HeadersTooLarge("request line and headers too large"))
+
+    # ---- parser callbacks ----------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_size = 0
+        self._url = b""
+        self._headers = []
+        self._content_length = None
+        self._chunked = False
+        self._expect_continue = False
+        self._host = None
+        self._rid = None
+        self._arm(self.settings.read_timeout, self._on_read_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+        if self._head_size > self.settings.max_header_size:
+            raise HeadersTooLarge("request line too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.settings.max_header_size:
+            raise HeadersTooLarge("request headers too large")
+        self._headers.append((name, value))
+        lname = name.lower()
+        if lname == b"host":
+            self._host = value
+        elif lname == b"content-length":
+            self._content_length = int(value)  # llhttp has validated the digits
+        elif lname == b"transfer-encoding":
+            self._chunked = self._chunked or b"chunked" in value.lower()
+        elif lname == b"expect":
+            if value.lower() != b"100-continue":
+                raise _ExpectationFailed(f"unsupported Expect: {value.decode('latin-1')}")
+            self._expect_continue = True
+        elif lname == b"x-request-id":
+            self._rid = value
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self.parser
+        has_body = self._chunked or bool(self._content_length)
+        req = Request(
+            method=parser.get_method().decode("ascii"),
+            target=self._url,
+            version=parser.get_http_version().encode("ascii"),
+            headers=self._headers,
+            keep_alive=parser.should_keep_alive(),
+            body=BodyBuffer(self.transport) if has_body else None,
+            request_id=pick_request_id(self._rid) if self._rid is not None else new_request_id(),
+            peer_ip=self.peer_ip,
+            host_header=self._host,
+            expect_continue=self._expect_continue and has_body,
+            upgrade=parser.should_upgrade(),
+            content_length=self._content_length,
+            chunked=self._chunked,
+        )
+        self._parsing = req
+        self._disarm()
+        self.pending.append(req)
+        if len(self.pending) > MAX_PIPELINED:
+            self._pause_reading()
+        if self._serving is None:
+            self._serving = self.loop.create_task(self._serve())
+
+    def on_body(self, body: bytes) -> None:
+        req = self._parsing
+        if req is not None and req.body is not None:
+            req.body.feed(body)
+
+    def on_message_complete(self) -> None:
+        req = self._parsing
+        if req is not None and req.body is not None:
+            req.body.feed_eof()
+        self._parsing = None
+
+    # ---- parse-level failures ----------------------------------------------
+
+    def _stop_parsing(self) -> None:
+        """CONNECT (or Upgrade): the bytes after the head are not HTTP."""
+        self._parse_stopped = True
+        self._pause_reading()
+
+    def _parse_failed(self, error: HttpError) -> None:
+        # Answer in order: requests before the bad bytes still get their
+        # responses, then the error, then the connection closes.
+        self._stop_parsing()
+        self._in_head = False
+        if self._parsing is not None and self._parsing.body is not None:
+            # The bad bytes were inside a body being read: the handler sees it.
+            self._parsing.body.set_exception(error)
+            self._parsing = None
+            self.close_after = True
+            return
+        self.pending.append(ParseFailure(error))
+        if self._serving is None:
+            self._serving = self.loop.create_task(self._serve())
+
+    # ---- timers --------------------------------------------------------------
+
+    def _arm(self, delay: float, callback: "asyncio.Handle | object") -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, callback) if delay > 0 else None  # type: ignore[arg-type]
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_read_timeout(self) -> None:
+        self._timer = None
+        if self._serving is not None or self.closed:
+            return
+        if self._in_head or self._head_bytes:
+            self._parse_failed(RequestTimeout("timed out reading request headers"))
+        else:
+            # Nothing of a request arrived: just close, as Go/Squid do.
+            self.abort()
+
+    def _on_idle_timeout(self) -> None:
+        self._timer = None
+        if self._serving is None and not self._in_head:
+            self.close()
+
+    # ---- flow control --------------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # ---- serving -------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        try:
+            while self.pending and not self.closed:
+                item = self.pending.popleft()
+                if self._reading_paused and not self._parse_stopped and len(self.pending) <= MAX_PIPELINED // 2:
+                    self._resume_reading()
+                if isinstance(item, ParseFailure):
+                    self._begin(None)
+                    self.send_error(item.error, close=True)
+                    self.current = None
+                    self.close()
+                    return
+                keep = await self._serve_one(item)
+                if not keep:
+                    return
+        finally:
+            self._serving = None
+        if not self.closed:
+            if self.draining:
+                self.close()
+            elif not self._in_head:
+                self._arm(self.settings.idle_timeout, self._on_idle_timeout)
+
+    def _begin(self, req: Request | None) -> None:
+        self.current = req
+        self.response_started = False
+        self.status = 0
+        self.bytes_out = 0
+        self._continue_sent = False
+
+    async def _serve_one(self, req: Request) -> bool:
+        """Answer one request; whether the connection may serve another."""
+        self._begin(req)
+        try:
+            await self.app.handle(req, self)
+        except HttpError as exc:
+            if self.response_started:
+                self.abort()
+            else:
+                self.send_error(exc, close=req.body is not None and not req.body.finished_receiving)
+        except (ConnectionError, WriteStalled, asyncio.TimeoutError) as exc:
+            log.debug("connection %s: %s", self.peer_ip, exc)
+            self.abort()
+        except asyncio.CancelledError:
+            self.abort()
+            self.app.request_done(req, self)
+            raise
+        except Exception:
+            log.exception("handler failed for %s %s", req.method, req.target[:200])
+            if self.response_started:
+                self.abort()
+            else:
+                self.send_error(HttpError("internal error"), close=True)
+        self.app.request_done(req, self)
+        self.current = None
+        if self.closed or self.relay is not None:
+            return False
+        body = req.body
+        if body is not None and not body.finished_receiving:
+            # The handler did not read the whole upload: the bytes left
+            # would be parsed as the next request. Close instead.
+            self.close_after = True
+        if self.close_after or not req.keep_alive or self.draining:
+            self.close()
+            return False
+        return True
+
+    # ---- response API for handlers ------------------------------------------
+
+    def send_continue(self) -> None:
+        """Tell a client waiting on `Expect: 100-continue` to send its body."""
+        req = self.current
+        if req is not None and req.expect_continue and not self._continue_sent and not self.response_started:
+            self._continue_sent = True
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def start_response(self, status: int, headers: Headers, *, close: bool = False) -> bytes:
+        """The response head's bytes (request id and connection headers added).
+
+        The caller writes them, usually joined with the first body bytes.
+        """
+        req = self.current
+        self.response_started = True
+        self.status = status
+        if close:
+            self.close_after = True
+        extra: Headers = []
+        version = b"1.1"
+        if req is not None:
+            extra.append((b"X-Request-ID", req.request_id.encode("ascii")))
+            version = b"1.1" if req.version == b"1.1" else b"1.0"
+            if self.close_after or not req.keep_alive or self.draining:
+                extra.append((b"Connection", b"close"))
+            elif req.version == b"1.0":
+                extra.append((b"Connection", b"keep-alive"))
+        else:
+            extra.append((b"X-Request-ID", new_request_id().encode("ascii")))
+            extra.append((b"Connection", b"close"))
+        return render_head(version, status, headers + extra)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.bytes_out += len(data)
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        await self.flow.drain(self.settings.write_timeout)
+
+    def send(self, status: int, headers: Headers, body: bytes = b"", *, close: bool = False) -> None:
+        """A whole response with a Content-Length body."""
+        req = self.current
+        head_only = req is not None and req.method == "HEAD"
+        head = self.start_response(
+            status, headers + [(b"Content-Length", str(len(body)).encode())], close=close
+        )
+        self.write(head if head_only or not body else head + body)
+
+    def send_error(self, error: Exception, *, close: bool = False) -> None:
+        status = error.status if isinstance(error, HttpError) else 500
+        reason = error.reason if isinstance(error, HttpError) else "internal error"
+        headers: Headers = [(b"Content-Type", b"text/plain; charset=utf-8")]
+        if isinstance(error, HttpError):
+            headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in error.headers]
+        self.send(status, headers, reason.encode("utf-8", "replace") + b"\n", close=close)
+
+    # ---- relay mode (CONNECT) ------------------------------------------------
+
+    def take_upgrade_tail(self) -> bytes:
+        tail, self._upgrade_tail = self._upgrade_tail, b""
+        return tail
+
+    def become_relay(self, sink: RelaySink) -> None:
+        """From now on every byte from the client goes to `sink`."""
+        self.relay = sink
+        self._disarm()
+        tail = self.take_upgrade_tail()
+        if tail:
+            sink.from_client(tail)
+        self._resume_reading()
+
+    def pause_client_reading(self) -> None:
+        self._pause_reading()
+
+    def resume_client_reading(self) -> None:
+        self._resume_reading()
+
+    # ---- closing -------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def shutdown(self) -> None:
+        """Graceful stop: idle connections close now, busy ones after their request."""
+        self.draining = True
+        if self._serving is None and self.relay is None and not self._in_head:
+            self.close()
+
+    @property
+    def busy(self) -> bool:
+        return self._serving is not None or self.relay is not None
+
+
+class _ExpectationFailed(HttpError):
+    status = 417
+
+
+def _parser_message(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:120]
+

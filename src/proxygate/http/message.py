@@ -1,0 +1,97 @@
+"""HTTP/1.1 messages as plain objects, and the bytes of a response head.
+
+Nothing here touches a socket: the connection fills a `Request`, a handler
+reads it and renders a head with `render_head`.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+from .flow import BodyBuffer
+
+Headers = list[tuple[bytes, bytes]]
+
+_REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
+_STATUS_LINES: dict[tuple[bytes, int], bytes] = {}
+
+# A client-supplied request id is echoed only when it is a short, boring
+# token; anything else could smuggle newlines or HTML into logs and pages.
+_SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+
+
+def status_line(version: bytes, status: int) -> bytes:
+    key = (version, status)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = b"HTTP/%s %d %s\r\n" % (version, status, _REASONS.get(status, b"Unknown"))
+        if len(_STATUS_LINES) < 4096:
+            _STATUS_LINES[key] = line
+    return line
+
+
+def reason_phrase(status: int) -> str:
+    return _REASONS.get(status, b"Unknown").decode()
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(8)
+
+
+def pick_request_id(supplied: bytes | None) -> str:
+    if supplied is not None and _SANE_REQUEST_ID.fullmatch(supplied):
+        return supplied.decode("ascii")
+    return new_request_id()
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    method: str
+    target: bytes
+    version: bytes  # b"1.1" / b"1.0"
+    headers: Headers
+    keep_alive: bool
+    body: BodyBuffer | None
+    request_id: str
+    peer_ip: str
+    host_header: bytes | None = None
+    expect_continue: bool = False
+    upgrade: bool = False
+    content_length: int | None = None
+    chunked: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of a header, by lower-case name."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    @property
+    def is_absolute_form(self) -> bool:
+        return self.target[:1] != b"/" and b"://" in self.target[:16]
+
+
+@dataclass(slots=True, frozen=True)
+class ParseFailure:
+    """Stands in the request queue where unparseable bytes began."""
+
+    error: Exception
+
+
+def render_head(version: bytes, status: int, headers: Headers) -> bytes:
+    parts = [status_line(version, status)]
+    for name, value in headers:
+        parts.append(name + b": " + value + b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def has_token(value: bytes, token: bytes) -> bool:
+    """Whether a comma-separated header value lists `token` (case-insensitive)."""
+    return any(part.strip().lower() == token for part in value.split(b","))

@@ -1,0 +1,90 @@
+"""Resolve, apply the destination policy, connect: the one way upstream sockets open.
+
+Failures come back as the status a proxy user expects: a name that does not
+resolve or a refused connection → 502, a dial timeout → 504, a policy refusal
+→ 403, each with a short reason naming the cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from typing import Callable, TypeVar
+
+from ..errors import BadGateway, GatewayTimeout
+from ..policy.destinations import DestinationPolicy, IPAddress
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+_DNS_TTL = 10.0
+_DNS_CACHE_MAX = 4096
+
+
+class Dialer:
+    def __init__(self, policy: DestinationPolicy, dial_timeout: float) -> None:
+        self.policy = policy
+        self.dial_timeout = dial_timeout
+        self._dns: dict[str, tuple[float, list[tuple[IPAddress, tuple]]]] = {}
+
+    async def resolve(self, host: str, port: int) -> list[tuple[IPAddress, tuple]]:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            sockaddr: tuple = (host, port) if ip.version == 4 else (host, port, 0, 0)
+            return [(ip, sockaddr)]
+        now = time.monotonic()
+        cached = self._dns.get(host)
+        if cached is not None and cached[0] > now:
+            return [(ip, (str(ip), port, *sa[2:])) for ip, sa in cached[1]]
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise BadGateway(f"cannot resolve {host}: {exc}") from None
+        result: list[tuple[IPAddress, tuple]] = []
+        seen = set()
+        for _family, _type, _proto, _canon, sockaddr in infos:
+            ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+            if ip not in seen:
+                seen.add(ip)
+                result.append((ip, sockaddr))
+        if len(self._dns) >= _DNS_CACHE_MAX:
+            self._dns.clear()
+        self._dns[host] = (now + _DNS_TTL, result)
+        return result
+
+    async def open(self, host: str, port: int, factory: Callable[[], P]) -> tuple[asyncio.Transport, P]:
+        """Connect to the first allowed address of host:port within the dial timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.dial_timeout if self.dial_timeout else None
+        addresses = self.policy.allowed_addresses(host, port, await self.resolve(host, port))
+        last_error: Exception | None = None
+        for ip, sockaddr in addresses:
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                break
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                try:
+                    await asyncio.wait_for(loop.sock_connect(sock, sockaddr), remaining)
+                except BaseException:
+                    sock.close()
+                    raise
+                transport, protocol = await loop.create_connection(factory, sock=sock)
+                return transport, protocol  # type: ignore[return-value]
+            except asyncio.TimeoutError:
+                raise GatewayTimeout(f"timed out connecting to {host}:{port} after {self.dial_timeout:g}s") from None
+            except OSError as exc:
+                last_error = exc
+        if last_error is None:
+            raise GatewayTimeout(f"timed out connecting to {host}:{port} after {self.dial_timeout:g}s")
+        if isinstance(last_error, ConnectionRefusedError):
+            raise BadGateway(f"connection refused by {host}:{port}")
+        raise BadGateway(f"cannot connect to {host}:{port}: {last_error.strerror or last_error}")

@@ -1,0 +1,189 @@
+"""Absolute-form requests (`GET http://host/path`): relay to the origin and back.
+
+Bodies stream both ways in the chunks they arrive in, with backpressure; the
+response head reaches the client as soon as the origin sends it. A pooled
+connection that turns out dead before any response byte is retried once on a
+fresh one when the request is idempotent and has no body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+from typing import TYPE_CHECKING
+
+import httptools
+
+from ..errors import BadGateway, BadRequest, GatewayTimeout
+from ..http.message import Headers, Request
+from .headers import end_to_end
+from .upstream import ResponseHead, UpstreamClosed, UpstreamConnection, UpstreamPool
+
+if TYPE_CHECKING:
+    from ..http.connection import ClientConnection
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+VIA = (b"Via", b"1.1 proxygate")
+_REQUEST_DROP = frozenset({b"host", b"expect", b"x-request-id", b"content-length"})
+_RESPONSE_DROP = frozenset({b"x-request-id"})
+
+
+class Target:
+    """The parsed authority and origin-form path of an absolute-form URL."""
+
+    __slots__ = ("host", "port", "path", "authority")
+
+    def __init__(self, raw: bytes) -> None:
+        try:
+            url = httptools.parse_url(raw)
+        except httptools.HttpParserInvalidURLError:
+            raise BadRequest("malformed request target") from None
+        if url.schema is None or url.schema.lower() != b"http":
+            scheme = (url.schema or b"").decode("latin-1")
+            raise BadRequest(f"unsupported URL scheme {scheme!r}: use CONNECT for https")
+        if not url.host:
+            raise BadRequest("request target has no host")
+        try:
+            self.host = url.host.decode("ascii").lower()
+        except UnicodeDecodeError:
+            raise BadRequest("request target host is not ASCII") from None
+        self.port: int = url.port or 80
+        path = url.path or b"/"
+        self.path = path + b"?" + url.query if url.query is not None else path
+        host_bytes = url.host if b":" not in url.host else b"[" + url.host + b"]"
+        self.authority = host_bytes if self.port == 80 else host_bytes + b":%d" % self.port
+
+
+def block_page(host: str) -> bytes:
+    safe = html.escape(host)
+    return (
+        "<!DOCTYPE html>\n<html><head><title>403 Forbidden</title></head><body>"
+        f"<h1>Access denied</h1><p>Requests to <b>{safe}</b> are blocked by this proxy's policy.</p>"
+        "</body></html>\n"
+    ).encode()
+
+
+class Forwarder:
+    def __init__(self, pool: UpstreamPool, read_timeout: float) -> None:
+        self.pool = pool
+        self.read_timeout = read_timeout or None
+
+    def request_head(self, req: Request, target: Target) -> bytes:
+        headers = end_to_end(req.headers, drop=_REQUEST_DROP)
+        lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (req.method.encode(), target.path, target.authority)]
+        lines.extend(name + b": " + value + b"\r\n" for name, value in headers)
+        if req.body is not None:
+            if req.chunked or req.content_length is None:
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                lines.append(b"Content-Length: %d\r\n" % req.content_length)
+        lines.append(b"Via: 1.1 proxygate\r\nX-Request-ID: %s\r\n\r\n" % req.request_id.encode())
+        return b"".join(lines)
+
+    async def forward(self, req: Request, target: Target, conn: ClientConnection) -> None:
+        head_bytes = self.request_head(req, target)
+        upstream, head = await self._exchange(req, target, head_bytes, conn)
+        try:
+            await self._relay_response(req, upstream, head, conn)
+        finally:
+            if upstream.complete and not conn.closed:
+                self.pool.release(upstream)
+            else:
+                upstream.abort()
+
+    async def _exchange(
+        self, req: Request, target: Target, head_bytes: bytes, conn: ClientConnection
+    ) -> tuple[UpstreamConnection, ResponseHead]:
+        retryable = req.body is None and req.method in IDEMPOTENT
+        for attempt in (0, 1):
+            upstream, reused = await self.pool.acquire(target.host, target.port)
+            try:
+                response = upstream.begin(head_only=req.method == "HEAD")
+                upstream.write(head_bytes)
+                if req.body is not None:
+                    await self._send_body(req, upstream, conn, response)
+                if not response.done():
+                    await asyncio.wait_for(response, self.read_timeout)
+                return upstream, response.result()
+            except UpstreamClosed as exc:
+                upstream.abort()
+                if attempt == 0 and reused and retryable and not upstream.got_bytes:
+                    continue  # the pooled connection was stale: one fresh try
+                raise BadGateway(f"{exc} ({target.host}:{target.port})") from None
+            except asyncio.TimeoutError:
+                upstream.abort()
+                raise GatewayTimeout(
+                    f"{target.host}:{target.port} sent no response within {self.read_timeout:g}s"
+                ) from None
+            except BaseException:
+                upstream.abort()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _send_body(
+        self,
+        req: Request,
+        upstream: UpstreamConnection,
+        conn: ClientConnection,
+        response: asyncio.Future[ResponseHead],
+    ) -> None:
+        body = req.body
+        assert body is not None
+        chunked = req.chunked or req.content_length is None
+        conn.send_continue()
+        write_timeout = conn.settings.write_timeout
+        while not response.done():
+            data = await body.read(self.read_timeout)
+            if not data:
+                break
+            upstream.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            await upstream.flow.drain(write_timeout)
+        else:
+            return  # the origin answered early; it will not read the rest
+        if chunked:
+            upstream.write(b"0\r\n\r\n")
+
+    async def _relay_response(
+        self, req: Request, upstream: UpstreamConnection, head: ResponseHead, conn: ClientConnection
+    ) -> None:
+        headers: Headers = end_to_end(head.headers, drop=_RESPONSE_DROP)
+        headers.append(VIA)
+        body = upstream.body
+        assert body is not None
+        no_body = req.method == "HEAD" or head.status in (204, 304)
+        chunked = False
+        close = False
+        if no_body:
+            pass
+        elif head.content_length is not None and not head.chunked:
+            pass  # Content-Length was kept
+        elif req.version == b"1.1":
+            chunked = True
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        else:
+            close = True  # an HTTP/1.0 client reads to the end of the connection
+        out = conn.start_response(head.status, headers, close=close)
+        if no_body:
+            conn.write(out)
+            return
+        read_timeout = self.read_timeout
+        data = body.read_nowait()
+        while True:
+            if data:
+                out += b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
+            elif body.at_eof:
+                break
+            if out:
+                conn.write(out)
+                out = b""
+                await conn.drain()
+            try:
+                data = await body.read(read_timeout)
+            except asyncio.TimeoutError:
+                raise GatewayTimeout("upstream stalled mid-response") from None
+            if not data:
+                break
+        if chunked:
+            out += b"0\r\n\r\n"
+        if out:
+            conn.write(out)

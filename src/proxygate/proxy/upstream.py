@@ -1,0 +1,271 @@
+"""Connections to origin servers, and a pool that keeps them alive between requests.
+
+`UpstreamConnection` parses one response at a time with httptools (a fresh
+parser per exchange, so a HEAD response's missing body cannot desynchronise
+the next one). `UpstreamPool` keeps a bounded number of idle connections per
+host:port and hands them out most-recently-used first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import httptools
+
+from ..http.flow import BodyBuffer, WriteFlow
+from ..http.message import Headers
+from .dial import Dialer
+
+Key = tuple[str, int]
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    version: bytes
+    headers: Headers
+    keep_alive: bool
+    content_length: int | None
+    chunked: bool
+
+
+class UpstreamClosed(ConnectionResetError):
+    """The origin closed or reset the connection before a response head."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, key: Key) -> None:
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.flow = WriteFlow()
+        self.closed = False
+        self.idle_since = 0.0
+        self.exchanges = 0
+        self._parser: httptools.HttpResponseParser | None = None
+        self._head: asyncio.Future[ResponseHead] | None = None
+        self._head_only = False
+        self._headers: Headers = []
+        self._content_length: int | None = None
+        self._chunked = False
+        self._informational = False
+        self.body: BodyBuffer | None = None
+        self.complete = False
+        self.reusable = False
+        self.got_bytes = False
+
+    # ---- exchange --------------------------------------------------------------
+
+    def begin(self, head_only: bool) -> asyncio.Future[ResponseHead]:
+        """Expect one response (after the caller writes a request)."""
+        self._parser = httptools.HttpResponseParser(self)
+        self._head = asyncio.get_event_loop().create_future()
+        self._head_only = head_only
+        self.body = None
+        self.complete = False
+        self.reusable = False
+        self.got_bytes = False
+        return self._head
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.closed:
+            raise UpstreamClosed("upstream connection closed")
+        self.transport.write(data)
+
+    def park(self) -> None:
+        """Between exchanges: any byte that arrives now is a protocol error."""
+        self._parser = None
+        self._head = None
+
+    # ---- transport callbacks ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            # Bytes while idle: the origin is confused or closing. Never reuse.
+            self.abort()
+            return
+        self.got_bytes = True
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # 101 Switching Protocols is not relayed by this proxy (yet).
+            self._fail(UpstreamClosed("upstream switched protocols"))
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamClosed(f"malformed response from upstream: {str(exc)[:80]}"))
+
+    def eof_received(self) -> bool | None:
+        self._on_close(None)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_close(exc)
+        self.closed = True
+        self.flow.close()
+
+    def pause_writing(self) -> None:
+        self.flow.pause()
+
+    def resume_writing(self) -> None:
+        self.flow.resume()
+
+    def _on_close(self, exc: Exception | None) -> None:
+        self.reusable = False
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(UpstreamClosed("upstream closed the connection before responding"))
+            return
+        body = self.body
+        if body is not None and not self.complete:
+            if self._content_length is None and not self._chunked:
+                # A response without length ends when the connection does.
+                self.complete = True
+                body.feed_eof()
+            else:
+                body.set_exception(UpstreamClosed("upstream closed mid-response"))
+
+    def _fail(self, exc: Exception) -> None:
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(exc)
+        elif self.body is not None and not self.complete:
+            self.body.set_exception(exc)
+        self.abort()
+
+    # ---- parser callbacks ----------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._content_length = None
+        self._chunked = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        lname = name.lower()
+        if lname == b"content-length":
+            self._content_length = int(value)
+        elif lname == b"transfer-encoding":
+            self._chunked = b"chunked" in value.lower()
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None and self._head is not None
+        status = parser.get_status_code()
+        if 100 <= status < 200:
+            # Interim responses (100 Continue, 103 Early Hints) are swallowed;
+            # llhttp moves on to the real response on the same parser.
+            self._informational = True
+            return
+        self._informational = False
+        head = ResponseHead(
+            status=status,
+            version=parser.get_http_version().encode("ascii"),
+            headers=self._headers,
+            keep_alive=parser.should_keep_alive(),
+            content_length=self._content_length,
+            chunked=self._chunked,
+        )
+        no_body = self._head_only or status in (204, 304) or self._content_length == 0
+        self.body = BodyBuffer(self.transport)
+        if no_body:
+            self.body.feed_eof()
+            self._finish_message(head.keep_alive)
+        if not self._head.done():
+            self._head.set_result(head)
+
+    def on_body(self, body: bytes) -> None:
+        if self.body is not None and not self.complete:
+            self.body.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        if self.complete:
+            return
+        if self.body is not None:
+            self.body.feed_eof()
+        assert self._parser is not None
+        self._finish_message(self._parser.should_keep_alive())
+
+    def _finish_message(self, keep_alive: bool) -> None:
+        self.complete = True
+        self.reusable = keep_alive and not self.closed
+        self.exchanges += 1
+
+    # ---- closing -------------------------------------------------------------
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per host:port, bounded, dropped when stale."""
+
+    def __init__(self, dialer: Dialer, idle_per_host: int, idle_timeout: float) -> None:
+        self.dialer = dialer
+        self.idle_per_host = idle_per_host
+        self.idle_timeout = idle_timeout or 60.0
+        self._idle: dict[Key, deque[UpstreamConnection]] = {}
+
+    async def acquire(self, host: str, port: int) -> tuple[UpstreamConnection, bool]:
+        """A connection to host:port and whether it was reused from the pool."""
+        key = (host, port)
+        idle = self._idle.get(key)
+        if idle:
+            now = time.monotonic()
+            while idle:
+                conn = idle.pop()
+                if not conn.closed and now - conn.idle_since < self.idle_timeout:
+                    return conn, True
+                conn.close()
+        _transport, conn = await self.dialer.open(host, port, lambda: UpstreamConnection(key))
+        return conn, False
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Give a connection back after a whole exchange; closed if it cannot be reused."""
+        if not (conn.complete and conn.reusable) or conn.closed:
+            conn.close()
+            return
+        conn.park()
+        idle = self._idle.setdefault(conn.key, deque())
+        if len(idle) >= self.idle_per_host:
+            idle.popleft().close()
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
+
+    def sweep(self) -> None:
+        """Close idle connections older than the idle timeout."""
+        now = time.monotonic()
+        for key in list(self._idle):
+            idle = self._idle[key]
+            fresh = deque(c for c in idle if not c.closed and now - c.idle_since < self.idle_timeout)
+            for conn in idle:
+                if conn not in fresh:
+                    conn.close()
+            if fresh:
+                self._idle[key] = fresh
+            else:
+                del self._idle[key]
+
+    def close_all(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+
+    @property
+    def idle_count(self) -> int:
+        return sum(len(d) for d in self._idle.values())

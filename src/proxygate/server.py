@@ -1,0 +1,102 @@
+"""Process lifecycle of `proxygate gateway`: listen, serve, reload, drain, exit.
+
+Signals: SIGTERM/SIGINT stop accepting at once and let in-flight requests and
+tunnels finish within -shutdown-timeout; SIGHUP reloads the blocklist, which
+is also reloaded when its file changes on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+
+from .config import GatewaySettings
+from .gateway import Gateway
+from .http.connection import ClientConnection
+from .policy.blocklist import BlocklistError
+
+log = logging.getLogger("proxygate.server")
+
+WATCH_INTERVAL = 1.0
+FLUSH_INTERVAL = 0.25
+
+
+def tls_context(settings: GatewaySettings) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(settings.pem, settings.key)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+async def _housekeeping(gateway: Gateway) -> None:
+    """Blocklist file watch, idle upstream sweep, access-log flush."""
+    ticks_per_watch = max(1, int(WATCH_INTERVAL / FLUSH_INTERVAL))
+    tick = 0
+    while True:
+        await asyncio.sleep(FLUSH_INTERVAL)
+        gateway.access_log.flush()
+        tick += 1
+        if tick % ticks_per_watch == 0:
+            if gateway.blocklist.changed_on_disk():
+                gateway.blocklist.reload()
+            gateway.pool.sweep()
+
+
+async def serve(settings: GatewaySettings, gateway: Gateway | None = None) -> int:
+    """Run the gateway until a stop signal; the process exit code."""
+    gateway = gateway or Gateway(settings)
+    try:
+        gateway.blocklist.load_initial()
+    except (OSError, BlocklistError, UnicodeDecodeError) as exc:
+        log.error("cannot load blocklist %s: %s", settings.blocklist, exc)
+        return 1
+    loop = asyncio.get_running_loop()
+    ssl_ctx = None
+    if settings.proto == "https":
+        try:
+            ssl_ctx = tls_context(settings)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("cannot load TLS certificate/key: %s", exc)
+            return 1
+    host, port = settings.listen
+    try:
+        server = await loop.create_server(
+            lambda: ClientConnection(gateway),
+            host or None,
+            port,
+            ssl=ssl_ctx,
+            backlog=2048,
+            reuse_address=True,
+        )
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", host, port, exc)
+        return 1
+    bound = server.sockets[0].getsockname()
+    gateway.bound(bound[1])
+    shown_host = bound[0] if ":" not in bound[0] else f"[{bound[0]}]"
+    log.info("listening on %s://%s:%d", settings.proto, shown_host, bound[1])
+
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.blocklist.reload)
+    housekeeping = loop.create_task(_housekeeping(gateway))
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: draining %d connections (up to %gs)", len(gateway.connections),
+                 settings.shutdown_timeout)
+        server.close()
+        aborted = await gateway.drain_connections(settings.shutdown_timeout)
+        if aborted:
+            log.warning("shutdown timeout: closed %d connections still in flight", aborted)
+        housekeeping.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")
+        gateway.access_log.flush()
+        sys.stderr.flush()
+    return 0
