@@ -40,10 +40,9 @@ def test_curl_https_through_tunnel(gateway: GatewayProcess, tls_origin: Origin, 
 def test_requests_https_through_tunnel(gateway: GatewayProcess, tls_origin: Origin, ca_file: str) -> None:
     with requests.Session() as s:
         s.proxies = {"https": gateway.proxy}
-        s.verify = ca_file
-        r = s.get(f"{tls_origin.url}/bytes/200000", timeout=10)
+        r = s.get(f"{tls_origin.url}/bytes/200000", timeout=10, verify=ca_file)
         assert r.content == pattern_bytes(200000)
-        r = s.post(f"{tls_origin.url}/echo", data=b"z" * 100000, timeout=10)
+        r = s.post(f"{tls_origin.url}/echo", data=b"z" * 100000, timeout=10, verify=ca_file)
         assert r.json()["length"] == 100000
 
 
