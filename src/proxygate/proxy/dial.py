@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 import socket
 import time
-from typing import Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from ..errors import BadGateway, GatewayTimeout
 from ..policy.destinations import DestinationPolicy, IPAddress
@@ -23,9 +23,15 @@ _DNS_CACHE_MAX = 4096
 
 
 class Dialer:
-    def __init__(self, policy: DestinationPolicy, dial_timeout: float) -> None:
+    def __init__(
+        self,
+        policy: DestinationPolicy,
+        dial_timeout: float,
+        getaddrinfo: Callable[..., Awaitable[list[Any]]] | None = None,
+    ) -> None:
         self.policy = policy
         self.dial_timeout = dial_timeout
+        self._getaddrinfo = getaddrinfo
         self._dns: dict[str, tuple[float, list[tuple[IPAddress, tuple]]]] = {}
 
     async def resolve(self, host: str, port: int) -> list[tuple[IPAddress, tuple]]:
@@ -40,9 +46,9 @@ class Dialer:
         cached = self._dns.get(host)
         if cached is not None and cached[0] > now:
             return [(ip, (str(ip), port, *sa[2:])) for ip, sa in cached[1]]
-        loop = asyncio.get_running_loop()
+        getaddrinfo = self._getaddrinfo or asyncio.get_running_loop().getaddrinfo
         try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+            infos = await getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
         except (socket.gaierror, UnicodeError) as exc:
             raise BadGateway(f"cannot resolve {host}: {exc}") from None
         result: list[tuple[IPAddress, tuple]] = []

@@ -1,0 +1,169 @@
+"""Blocklist reloads, TLS listener, logs and metrics, graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from tests.conftest import require_binary
+from tests.support.gateway import GatewayProcess
+from tests.support.origin import Origin
+
+
+def status_via(gw: GatewayProcess, url: str) -> int:
+    return requests.get(url, proxies={"http": gw.proxy}, timeout=10).status_code
+
+
+def test_blocked_http_gets_html_page(gateway: GatewayProcess) -> None:
+    r = requests.get("http://blocked.test/some/path", proxies={"http": gateway.proxy}, timeout=10)
+    assert r.status_code == 403
+    assert r.headers["Content-Type"].startswith("text/html") and "blocked.test" in r.text
+    r = requests.get("http://deep.sub.ads.test/", proxies={"http": gateway.proxy}, timeout=10)
+    assert r.status_code == 403
+    metrics = requests.get(f"{gateway.proxy}/metrics", timeout=10).text
+    assert "proxy_blocked_requests_total 2.0" in metrics
+
+
+def test_reload_by_sighup_and_by_file_edit(start_gateway, tmp_path: Path, origin: Origin) -> None:
+    path = tmp_path / "reload.json"
+    path.write_text(json.dumps({"blocked_domains": []}))
+    gw = start_gateway(blocklist=path)
+    url = f"http://localhost:{origin.port}/hello"
+    assert status_via(gw, url) == 200
+
+    # Edit + SIGHUP: applied at once.
+    path.write_text(json.dumps({"blocked_domains": ["localhost"]}))
+    gw.signal(signal.SIGHUP)
+    gw.wait_log("blocklist reloaded: 1 entries")
+    assert status_via(gw, url) == 403
+
+    # A broken file keeps the old list and logs an error.
+    path.write_text("{broken")
+    gw.signal(signal.SIGHUP)
+    gw.wait_log("blocklist reload failed, keeping 1 entries")
+    assert status_via(gw, url) == 403
+
+    # A plain edit is noticed by the file watch (no signal).
+    tmp = tmp_path / "new.json"
+    tmp.write_text(json.dumps({"blocked_domains": ["other.test", "*.x.test"]}))
+    os.replace(tmp, path)
+    gw.wait_log("blocklist reloaded: 2 entries", timeout=10)
+    assert status_via(gw, url) == 200
+
+
+def test_missing_blocklist_is_a_warning(start_gateway, tmp_path: Path) -> None:
+    gw = start_gateway(blocklist=tmp_path / "absent.json")
+    gw.wait_log("not found; blocking nothing")
+    assert requests.get(f"{gw.proxy}/healthz", timeout=5).status_code == 200
+
+
+def test_access_log_fields_json_and_text(start_gateway, origin: Origin) -> None:
+    gw = start_gateway()
+    requests.get(f"{origin.url}/bytes/1234", proxies={"http": gw.proxy}, headers={"X-Request-ID": "abc-1"}, timeout=10)
+    line = gw.wait_log(r'\{[^\n]*"request_id": "abc-1"[^\n]*\}')
+    entry = json.loads(line)
+    assert entry["status"] == 200 and entry["method"] == "GET" and entry["path"] == "/bytes/1234"
+    assert entry["host"] == f"127.0.0.1:{origin.port}" and entry["client_ip"] == "127.0.0.1"
+    assert entry["duration_ms"] >= 0 and entry["bytes_out"] > 1234
+    text_gw = start_gateway("-log-format", "text", "-debug")
+    requests.get(f"{text_gw.proxy}/healthz", headers={"X-Request-ID": "abc-2"}, timeout=10)
+    text_gw.wait_log(r"127\.0\.0\.1 abc-2 GET [^ ]*/healthz 200")
+    assert "DEBUG" in text_gw.log() or "INFO" in text_gw.log()
+
+
+def test_metrics_names(gateway: GatewayProcess, origin: Origin) -> None:
+    requests.get(f"{origin.url}/hello", proxies={"http": gateway.proxy}, timeout=10)
+    text = requests.get(f"{gateway.proxy}/metrics", timeout=10).text
+    for name in (
+        "proxy_requests_total",
+        "proxy_blocked_requests_total",
+        "proxy_request_duration_seconds_bucket",
+        "proxy_active_connections",
+        "proxy_requests_by_status_class_total",
+        "proxy_tunnels_total",
+        "proxy_tunnel_bytes_total",
+    ):
+        assert name in text, name
+    assert 'proxy_requests_total{method="GET",status="200"}' in text
+    assert requests.get(f"{gateway.proxy}/readyz", timeout=5).status_code == 200
+
+
+def test_https_listener(start_gateway, server_cert_files: tuple[str, str], ca_file: str, origin: Origin, tls_origin: Origin) -> None:
+    pem, key = server_cert_files
+    gw = start_gateway("-proto", "https", "-pem", pem, "-key", key)
+    curl = require_binary("curl", "curl")
+    proxy = f"https://127.0.0.1:{gw.port}"
+    out = subprocess.run(
+        [curl, "-sS", "--proxy-cacert", ca_file, "-x", proxy, f"{origin.url}/hello"], capture_output=True, timeout=20
+    )
+    assert out.returncode == 0 and out.stdout == b"hello", out.stderr
+    # TLS inside TLS: CONNECT over the TLS listener to the TLS origin.
+    out = subprocess.run(
+        [curl, "-sS", "--proxy-cacert", ca_file, "--cacert", ca_file, "-x", proxy, f"{tls_origin.url}/hello"],
+        capture_output=True,
+        timeout=20,
+    )
+    assert out.returncode == 0 and out.stdout == b"hello", out.stderr
+    out = subprocess.run([curl, "-sS", "--cacert", ca_file, f"{proxy}/healthz"], capture_output=True, timeout=20)
+    assert b"ok" in out.stdout
+
+
+def test_graceful_shutdown_finishes_slow_download(start_gateway, origin: Origin) -> None:
+    gw = start_gateway("-shutdown-timeout", "20s")
+    result: dict[str, object] = {}
+
+    def download() -> None:
+        try:
+            r = requests.get(f"{origin.url}/slow/10/3", proxies={"http": gw.proxy}, timeout=30)
+            result["status"] = r.status_code
+            result["chunks"] = r.text.count("chunk")
+        except Exception as exc:  # reported by the assertions below
+            result["error"] = exc
+
+    thread = threading.Thread(target=download)
+    thread.start()
+    time.sleep(0.5)
+    idle = gw.connect()  # an idle keep-alive connection is closed at once
+    gw.signal(signal.SIGTERM)
+    gw.wait_log("shutting down")
+    time.sleep(0.3)
+    refused = False
+    try:
+        requests.get(f"{gw.proxy}/healthz", timeout=2)
+    except requests.ConnectionError:
+        refused = True
+    assert refused, "new connections must be refused while draining"
+    idle.settimeout(5)
+    assert idle.recv(10) == b""
+    thread.join(30)
+    assert result.get("status") == 200 and result.get("chunks") == 10, result
+    assert gw.proc.wait(20) == 0
+
+
+def test_shutdown_timeout_cuts_what_is_left(start_gateway, origin: Origin) -> None:
+    gw = start_gateway("-shutdown-timeout", "1s")
+    result: dict[str, object] = {}
+
+    def download() -> None:
+        try:
+            r = requests.get(f"{origin.url}/slow/10/6", proxies={"http": gw.proxy}, timeout=30)
+            result["chunks"] = r.text.count("chunk")
+        except Exception as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=download)
+    thread.start()
+    time.sleep(0.5)
+    start = time.monotonic()
+    gw.signal(signal.SIGTERM)
+    assert gw.proc.wait(20) == 0
+    assert time.monotonic() - start < 5
+    thread.join(30)
+    assert "error" in result or result.get("chunks", 10) < 10  # type: ignore[operator]

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+
+import pytest
+
+from proxygate.config import GatewaySettings, parse_networks
+from proxygate.errors import BadGateway, DestinationDenied
+from proxygate.policy.destinations import DestinationPolicy
+from proxygate.proxy.dial import Dialer
+
+
+def policy(**kw: object) -> DestinationPolicy:
+    return DestinationPolicy.from_settings(GatewaySettings(**kw), bound_port=8080)  # type: ignore[arg-type]
+
+
+def addrs(*ips: str) -> list:
+    return [(ipaddress.ip_address(ip), (ip, 443)) for ip in ips]
+
+
+def test_connect_ports() -> None:
+    p = policy()
+    p.check_connect_port(443)
+    with pytest.raises(DestinationDenied, match="connect-ports 443"):
+        p.check_connect_port(22)
+    policy(connect_ports=None).check_connect_port(22)
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "127.9.9.9", "::1", "0.0.0.0", "169.254.169.254", "fe80::1", "::ffff:127.0.0.1"])
+def test_default_denials(ip: str) -> None:
+    with pytest.raises(DestinationDenied, match="deny-destinations"):
+        policy().allowed_addresses("h", 443, addrs(ip))
+
+
+def test_denied_addresses_filtered_not_all() -> None:
+    allowed = policy().allowed_addresses("h", 443, addrs("127.0.0.1", "93.184.216.34"))
+    assert [str(ip) for ip, _ in allowed] == ["93.184.216.34"]
+    assert policy(deny_destinations=()).allowed_addresses("h", 443, addrs("127.0.0.1"))
+    custom = policy(deny_destinations=parse_networks("10.0.0.0/8"))
+    with pytest.raises(DestinationDenied, match="10.0.0.0/8"):
+        custom.allowed_addresses("h", 443, addrs("10.2.3.4"))
+
+
+def test_loop_to_own_listener() -> None:
+    p = policy(deny_destinations=())
+    with pytest.raises(DestinationDenied, match="loop"):
+        p.allowed_addresses("h", 8080, [(ipaddress.ip_address("127.0.0.1"), ("127.0.0.1", 8080))])
+    assert p.allowed_addresses("h", 8081, [(ipaddress.ip_address("127.0.0.1"), ("127.0.0.1", 8081))])
+    assert p.names_own_listener("localhost", 8080) and not p.names_own_listener("example.com", 8080)
+
+
+def test_dns_failure_is_502() -> None:
+    async def failing_getaddrinfo(*args: object, **kw: object) -> list:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    dialer = Dialer(policy(), 1.0, getaddrinfo=failing_getaddrinfo)
+    with pytest.raises(BadGateway, match="cannot resolve nowhere.test"):
+        asyncio.run(dialer.resolve("nowhere.test", 80))
