@@ -69,7 +69,7 @@ def test_tunnel_idle_timeout(start_gateway, echo_server: EchoTcpServer) -> None:
     start = time.monotonic()
     assert sock.recv(10) == b""  # closed by the gateway
     assert 0.5 < time.monotonic() - start < 5
-    gw.wait_log(r'"method": "CONNECT"')
+    gw.wait_log(r'"method":"CONNECT"')
 
 
 def test_50mib_through_tunnel_bounded_memory(start_gateway, echo_server: EchoTcpServer) -> None:

@@ -67,7 +67,7 @@ def test_missing_blocklist_is_a_warning(start_gateway, tmp_path: Path) -> None:
 def test_access_log_fields_json_and_text(start_gateway, origin: Origin) -> None:
     gw = start_gateway()
     requests.get(f"{origin.url}/bytes/1234", proxies={"http": gw.proxy}, headers={"X-Request-ID": "abc-1"}, timeout=10)
-    line = gw.wait_log(r'\{[^\n]*"request_id": "abc-1"[^\n]*\}')
+    line = gw.wait_log(r'\{[^\n]*"request_id":"abc-1"[^\n]*\}')
     entry = json.loads(line)
     assert entry["status"] == 200 and entry["method"] == "GET" and entry["path"] == "/bytes/1234"
     assert entry["host"] == f"127.0.0.1:{origin.port}" and entry["client_ip"] == "127.0.0.1"

@@ -29,6 +29,8 @@ log = logging.getLogger("proxygate.http")
 # Pipelined requests held before we stop reading from the client.
 MAX_PIPELINED = 32
 
+_NO_TIMER, _READ_TIMER, _IDLE_TIMER = 0, 1, 2
+
 
 class Application(Protocol):
     settings: GatewaySettings
@@ -70,7 +72,13 @@ class ClientConnection(asyncio.Protocol):
         self.draining = False  # set at shutdown: finish the current request, then close
         self.relay: RelaySink | None = None
         self._serving: asyncio.Task[None] | None = None
+        self._more: asyncio.Future[None] | None = None  # the idle serving task waits here
+        # One lazily moved timer: changing the deadline is an assignment; the
+        # handle is rescheduled only when the deadline moves earlier.
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = 0.0
+        self._deadline_kind = _NO_TIMER
         self._reading_paused = False
         self._parse_stopped = False
         self._upgrade_tail = b""
@@ -101,13 +109,13 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
         self.app.connection_opened(self)
-        self._arm(self.settings.read_timeout, self._on_read_timeout)
+        self._arm(self.settings.read_timeout, _READ_TIMER)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
         self.closed = True
-        self._disarm()
+        self._cancel_timer()
         self.flow.close()
         err = ConnectionResetError("client connection lost")
         if self._parsing is not None and self._parsing.body is not None:
@@ -141,7 +149,7 @@ class ClientConnection(asyncio.Protocol):
             return True  # keep our sending half open: half-close
         if self._parsing is not None and self._parsing.body is not None:
             self._parsing.body.set_exception(ConnectionResetError("client closed mid-body"))
-        if self._serving is not None and not self._serving.done():
+        if self.current is not None or self.pending:
             # The client may half-close after a request and still read the answer.
             self.close_after = True
             return True
@@ -187,7 +195,7 @@ class ClientConnection(asyncio.Protocol):
         self._expect_continue = False
         self._host = None
         self._rid = None
-        self._arm(self.settings.read_timeout, self._on_read_timeout)
+        self._arm(self.settings.read_timeout, _READ_TIMER)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -238,8 +246,7 @@ class ClientConnection(asyncio.Protocol):
         self.pending.append(req)
         if len(self.pending) > MAX_PIPELINED:
             self._pause_reading()
-        if self._serving is None:
-            self._serving = self.loop.create_task(self._serve())
+        self._wake_server()
 
     def on_body(self, body: bytes) -> None:
         req = self._parsing
@@ -271,24 +278,49 @@ class ClientConnection(asyncio.Protocol):
             self.close_after = True
             return
         self.pending.append(ParseFailure(error))
-        if self._serving is None:
-            self._serving = self.loop.create_task(self._serve())
+        self._wake_server()
 
     # ---- timers --------------------------------------------------------------
 
-    def _arm(self, delay: float, callback: "asyncio.Handle | object") -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(delay, callback) if delay > 0 else None  # type: ignore[arg-type]
+    def _arm(self, delay: float, kind: int) -> None:
+        if delay <= 0:
+            self._deadline_kind = _NO_TIMER
+            return
+        deadline = self.loop.time() + delay
+        self._deadline = deadline
+        self._deadline_kind = kind
+        if self._timer is None or deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def _disarm(self) -> None:
+        self._deadline_kind = _NO_TIMER
+
+    def _cancel_timer(self) -> None:
+        self._deadline_kind = _NO_TIMER
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _on_read_timeout(self) -> None:
+    def _on_timer(self) -> None:
         self._timer = None
-        if self._serving is not None or self.closed:
+        kind = self._deadline_kind
+        if kind == _NO_TIMER or self.closed:
+            return
+        if self.loop.time() < self._deadline:
+            self._timer_at = self._deadline
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            return
+        self._deadline_kind = _NO_TIMER
+        if kind == _READ_TIMER:
+            self._on_read_timeout()
+        else:
+            self._on_idle_timeout()
+
+    def _on_read_timeout(self) -> None:
+        if self.current is not None:
             return
         if self._in_head or self._head_bytes:
             self._parse_failed(RequestTimeout("timed out reading request headers"))
@@ -297,8 +329,7 @@ class ClientConnection(asyncio.Protocol):
             self.abort()
 
     def _on_idle_timeout(self) -> None:
-        self._timer = None
-        if self._serving is None and not self._in_head:
+        if not self.busy and not self._in_head:
             self.close()
 
     # ---- flow control --------------------------------------------------------
@@ -315,9 +346,26 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- serving -------------------------------------------------------------
 
+    def _wake_server(self) -> None:
+        if self._serving is None:
+            self._serving = self.loop.create_task(self._serve())
+        elif self._more is not None and not self._more.done():
+            self._more.set_result(None)
+
     async def _serve(self) -> None:
+        """Answer queued requests in order; between requests, wait for more."""
         try:
-            while self.pending and not self.closed:
+            while not self.closed:
+                if not self.pending:
+                    if self.draining:
+                        self.close()
+                        return
+                    if not self._in_head:
+                        self._arm(self.settings.idle_timeout, _IDLE_TIMER)
+                    self._more = self.loop.create_future()
+                    await self._more
+                    self._more = None
+                    continue
                 item = self.pending.popleft()
                 if self._reading_paused and not self._parse_stopped and len(self.pending) <= MAX_PIPELINED // 2:
                     self._resume_reading()
@@ -327,16 +375,11 @@ class ClientConnection(asyncio.Protocol):
                     self.current = None
                     self.close()
                     return
-                keep = await self._serve_one(item)
-                if not keep:
+                if not await self._serve_one(item):
                     return
         finally:
             self._serving = None
-        if not self.closed:
-            if self.draining:
-                self.close()
-            elif not self._in_head:
-                self._arm(self.settings.idle_timeout, self._on_idle_timeout)
+            self._more = None
 
     def _begin(self, req: Request | None) -> None:
         self.current = req
@@ -474,12 +517,13 @@ class ClientConnection(asyncio.Protocol):
     def shutdown(self) -> None:
         """Graceful stop: idle connections close now, busy ones after their request."""
         self.draining = True
-        if self._serving is None and self.relay is None and not self._in_head:
+        if not self.busy and not self._in_head:
             self.close()
 
     @property
     def busy(self) -> bool:
-        return self._serving is not None or self.relay is not None
+        """Handling a request, holding queued ones, or relaying a tunnel."""
+        return self.current is not None or bool(self.pending) or self.relay is not None
 
 
 class _ExpectationFailed(HttpError):

@@ -28,6 +28,23 @@ _REQUEST_DROP = frozenset({b"host", b"expect", b"x-request-id", b"content-length
 _RESPONSE_DROP = frozenset({b"x-request-id"})
 
 
+def _expire(fut: asyncio.Future[ResponseHead]) -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
+
+
+async def _with_deadline(fut: asyncio.Future[ResponseHead], timeout: float | None) -> None:
+    """Await `fut`, failing it with TimeoutError after `timeout` (cheaper than wait_for)."""
+    if not timeout:
+        await fut
+        return
+    timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+    try:
+        await fut
+    finally:
+        timer.cancel()
+
+
 class Target:
     """The parsed authority and origin-form path of an absolute-form URL."""
 
@@ -103,7 +120,7 @@ class Forwarder:
                 if req.body is not None:
                     await self._send_body(req, upstream, conn, response)
                 if not response.done():
-                    await asyncio.wait_for(response, self.read_timeout)
+                    await _with_deadline(response, self.read_timeout)
                 return upstream, response.result()
             except UpstreamClosed as exc:
                 upstream.abort()

@@ -1,0 +1,398 @@
+#!/usr/bin/env python3
+"""Forward-proxy benchmark: proxygate against a direct connection and peer proxies, in one run.
+
+Everything runs on loopback and stops by itself. nginx is the origin; wrk
+drives plain-HTTP load (absolute-form requests through each proxy); a small
+uvloop client measures CONNECT setups/s and bulk MB/s through one tunnel.
+
+Peers: tinyproxy, squid (Debian), pproxy, proxy.py (PyPI, in bench/.venv).
+Set-up once:  apt-get install -y nginx-light wrk tinyproxy squid
+              python3 -m venv bench/.venv && bench/.venv/bin/pip install pproxy proxy.py "uvloop<0.20"  (pproxy breaks on newer uvloop)
+Run:          .venv/bin/python bench/proxy_bench.py [--runs 3] [--duration 3] [--only proxygate,squid]
+
+Numbers are medians over --runs; the markdown table goes to stdout and
+bench/out/proxy-latest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_VENV = ROOT / "bench" / ".venv" / "bin"
+SMALL_BODY = "hello world, this is a small response.\n"
+ONE_MIB = 1 << 20
+BULK = 64 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def tree_pids(pid: int) -> list[int]:
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return pids
+    for child in children:
+        pids += tree_pids(int(child))
+    return pids
+
+
+def peak_rss_mib(pid: int) -> float:
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+# ---- origin ---------------------------------------------------------------------
+
+
+def start_nginx(work: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    docroot = work / "www"
+    docroot.mkdir()
+    (docroot / "1m").write_bytes(os.urandom(ONE_MIB))
+    with open(docroot / "big", "wb") as fh:
+        block = os.urandom(ONE_MIB)
+        for _ in range(BULK // ONE_MIB):
+            fh.write(block)
+    conf = work / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes 1; daemon off; master_process off;
+pid {work}/nginx.pid; error_log {work}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off; sendfile on; tcp_nopush on; keepalive_requests 1000000; keepalive_timeout 120s;
+  client_body_temp_path {work}/cb; proxy_temp_path {work}/pt; fastcgi_temp_path {work}/ft;
+  uwsgi_temp_path {work}/ut; scgi_temp_path {work}/st;
+  default_type application/octet-stream;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096; root {docroot};
+    location = /small {{ return 200 "{SMALL_BODY.strip()}\\n"; }}
+  }}
+}}
+"""
+    )
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)], stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
+
+
+# ---- proxies ----------------------------------------------------------------------
+
+
+@dataclass
+class Proxy:
+    name: str
+    argv: list[str]
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    def start(self, work: Path) -> None:
+        log = open(work / f"{self.name}.log", "wb")
+        self.proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True
+        )
+        wait_port(self.port, 30)
+        time.sleep(0.3)
+
+    def stop(self) -> float:
+        assert self.proc is not None
+        rss = peak_rss_mib(self.proc.pid)
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        return rss
+
+
+def make_proxies(work: Path, only: set[str] | None) -> list[Proxy]:
+    proxies: list[Proxy] = []
+
+    def want(name: str) -> bool:
+        return only is None or name in only
+
+    if want("proxygate"):
+        port = free_port()
+        proxies.append(
+            Proxy(
+                "proxygate",
+                [sys.executable, "-m", "proxygate", "gateway", "--listen", f"127.0.0.1:{port}",
+                 "--connect-ports", "*", "--deny-destinations", "", "--blocklist", str(work / "none.json")],
+                port,
+            )
+        )
+    if want("tinyproxy") and shutil.which("tinyproxy"):
+        port = free_port()
+        conf = work / "tinyproxy.conf"
+        conf.write_text(
+            f"User nobody\nGroup nogroup\nPort {port}\nListen 127.0.0.1\nTimeout 600\n"
+            f"MaxClients 512\nLogLevel Critical\nDisableViaHeader No\n"
+        )
+        proxies.append(Proxy("tinyproxy", ["tinyproxy", "-d", "-c", str(conf)], port))
+    if want("squid") and shutil.which("squid"):
+        port = free_port()
+        sq = work / "squid"
+        sq.mkdir(mode=0o777)
+        os.chmod(sq, 0o777)
+        conf = sq / "squid.conf"
+        conf.write_text(
+            f"http_port 127.0.0.1:{port}\nhttp_access allow all\ncache deny all\ncache_mem 0 MB\n"
+            f"access_log none\ncache_log {sq}/cache.log\npid_filename {sq}/squid.pid\n"
+            f"coredump_dir {sq}\nshutdown_lifetime 0 seconds\nmax_filedescriptors 8192\n"
+        )
+        proxies.append(Proxy("squid", ["squid", "-N", "-f", str(conf)], port))
+    if want("pproxy") and (BENCH_VENV / "pproxy").exists():
+        port = free_port()
+        proxies.append(Proxy("pproxy", [str(BENCH_VENV / "pproxy"), "-l", f"http://127.0.0.1:{port}"], port))
+    if want("proxy.py") and (BENCH_VENV / "proxy").exists():
+        port = free_port()
+        proxies.append(
+            Proxy("proxy.py", [str(BENCH_VENV / "proxy"), "--hostname", "127.0.0.1", "--port", str(port),
+                               "--log-level", "WARNING"], port)
+        )
+    return proxies
+
+
+# ---- load: wrk ------------------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    assert m, text
+    return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[m.group(2)]
+
+
+def _bytes(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(B|KB|MB|GB)", text)
+    assert m, text
+    return float(m.group(1)) * {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}[m.group(2)]
+
+
+def wrk(url: str, proxy_port: int | None, conns: int, duration: float, work: Path) -> dict[str, float]:
+    threads = 1 if conns == 1 else 2
+    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(duration))}s", "--latency", "--timeout", "10s"]
+    if proxy_port is None:
+        cmd.append(url)
+    else:
+        script = work / "absolute.lua"
+        script.write_text(f'wrk.path = "{url}"\n')
+        cmd += ["-s", str(script), f"http://127.0.0.1:{proxy_port}/"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30)
+    out = proc.stdout
+    if "Requests/sec" not in out:
+        raise RuntimeError(f"wrk failed: {' '.join(cmd)}\n{out}\n{proc.stderr}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _seconds(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _seconds(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    transfer = _bytes(re.search(r"Transfer/sec:\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock_err = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": rps,
+        "p50_ms": p50 * 1e3,
+        "p99_ms": p99 * 1e3,
+        "mb_s": transfer / 1e6,
+        "errors": float(errors.group(1)) if errors else 0.0,
+        "socket_errors": sock_err.group(1) if sock_err else "",  # type: ignore[dict-item]
+    }
+
+
+# ---- load: CONNECT ----------------------------------------------------------------
+
+
+async def _connect_once(proxy_port: int, origin_port: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+    writer.write(f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\nHost: 127.0.0.1:{origin_port}\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200") and not head.startswith(b"HTTP/1.0 200"):
+        raise RuntimeError(head[:80])
+    writer.close()
+
+
+async def connect_rate(proxy_port: int, origin_port: int, duration: float, conc: int = 16) -> float:
+    done = 0
+    deadline = time.monotonic() + duration
+
+    async def loop() -> None:
+        nonlocal done
+        while time.monotonic() < deadline:
+            await _connect_once(proxy_port, origin_port)
+            done += 1
+
+    start = time.monotonic()
+    await asyncio.gather(*(loop() for _ in range(conc)))
+    return done / (time.monotonic() - start)
+
+
+async def tunnel_bulk(proxy_port: int | None, origin_port: int) -> float:
+    """MB/s of one 64 MiB download inside one tunnel (or direct)."""
+    port = proxy_port or origin_port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
+    if proxy_port is not None:
+        writer.write(f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await reader.readuntil(b"\r\n\r\n")
+    start = time.monotonic()
+    writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    got = 0
+    while True:
+        data = await reader.read(1 << 20)
+        if not data:
+            break
+        got += len(data)
+    elapsed = time.monotonic() - start
+    writer.close()
+    if got < BULK:
+        raise RuntimeError(f"short bulk read {got}")
+    return got / elapsed / 1e6
+
+
+# ---- driver ---------------------------------------------------------------------
+
+
+def median_of(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def bench_target(name: str, proxy_port: int | None, origin_port: int, args: argparse.Namespace, work: Path) -> dict:
+    result: dict[str, object] = {"name": name}
+    small = f"http://127.0.0.1:{origin_port}/small"
+    big = f"http://127.0.0.1:{origin_port}/1m"
+    for conns in (1, 16, 64):
+        runs = [wrk(small, proxy_port, conns, args.duration, work) for _ in range(args.runs)]
+        result[f"c{conns}"] = {k: median_of(runs, k) for k in ("rps", "p50_ms", "p99_ms", "errors")}
+    runs = [wrk(big, proxy_port, 16, args.duration, work) for _ in range(args.runs)]
+    result["1mib_mb_s"] = median_of(runs, "mb_s")
+    if proxy_port is not None:
+        rates = [asyncio.run(connect_rate(proxy_port, origin_port, args.duration)) for _ in range(args.runs)]
+        result["connect_per_s"] = statistics.median(rates)
+    bulks = [asyncio.run(tunnel_bulk(proxy_port, origin_port)) for _ in range(args.runs)]
+    result["tunnel_mb_s"] = statistics.median(bulks)
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| target | c=1 req/s | c=1 p50/p99 ms | c=16 req/s | c=16 p99 ms | c=64 req/s | c=64 p50/p99 ms "
+        "| 1 MiB MB/s | CONNECT/s | tunnel MB/s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        c1, c16, c64 = r["c1"], r["c16"], r["c64"]
+        lines.append(
+            f"| {r['name']} | {c1['rps']:.0f} | {c1['p50_ms']:.2f}/{c1['p99_ms']:.2f} | {c16['rps']:.0f} "
+            f"| {c16['p99_ms']:.2f} | {c64['rps']:.0f} | {c64['p50_ms']:.2f}/{c64['p99_ms']:.2f} "
+            f"| {r['1mib_mb_s']:.0f} | {r.get('connect_per_s', float('nan')):.0f} | {r['tunnel_mb_s']:.0f} "
+            f"| {r.get('rss_mib', float('nan')):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def ratios(results: list[dict]) -> str:
+    by = {r["name"]: r for r in results}
+    if "proxygate" not in by:
+        return ""
+    ours = by["proxygate"]
+    peers = [r for r in results if r["name"] not in ("proxygate", "direct")]
+    if not peers:
+        return ""
+    best64 = max(peers, key=lambda r: r["c64"]["rps"])
+    best_p99 = min(peers, key=lambda r: r["c64"]["p99_ms"])
+    best_1m = max(peers, key=lambda r: r["1mib_mb_s"])
+    best_tun = max(peers, key=lambda r: r["tunnel_mb_s"])
+    best_conn = max(peers, key=lambda r: r.get("connect_per_s", 0))
+    return "\n".join(
+        [
+            f"- c=64 req/s: proxygate / best peer ({best64['name']}) = {ours['c64']['rps'] / best64['c64']['rps']:.2f}×",
+            f"- c=64 p99: proxygate {ours['c64']['p99_ms']:.2f} ms vs best peer ({best_p99['name']}) {best_p99['c64']['p99_ms']:.2f} ms",
+            f"- 1 MiB MB/s: proxygate / best peer ({best_1m['name']}) = {ours['1mib_mb_s'] / best_1m['1mib_mb_s']:.2f}×",
+            f"- tunnel MB/s: proxygate / best peer ({best_tun['name']}) = {ours['tunnel_mb_s'] / best_tun['tunnel_mb_s']:.2f}×",
+            f"- CONNECT/s: proxygate / best peer ({best_conn['name']}) = {ours['connect_per_s'] / best_conn['connect_per_s']:.2f}×",
+        ]
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--only", default="", help="comma list of targets (direct,proxygate,tinyproxy,squid,pproxy,proxy.py)")
+    parser.add_argument("--json", default="", help="also write raw results here")
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} not found: apt-get install -y nginx-light wrk")
+    only = set(args.only.split(",")) if args.only else None
+    results = []
+    with tempfile.TemporaryDirectory(prefix="pgbench-") as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o777)
+        nginx, origin_port = start_nginx(work)
+        try:
+            if only is None or "direct" in only:
+                results.append(bench_target("direct", None, origin_port, args, work))
+                print(f"direct done", file=sys.stderr)
+            for proxy in make_proxies(work, only):
+                proxy.start(work)
+                try:
+                    res = bench_target(proxy.name, proxy.port, origin_port, args, work)
+                finally:
+                    res["rss_mib"] = proxy.stop()
+                results.append(res)
+                print(f"{proxy.name} done", file=sys.stderr)
+        finally:
+            nginx.send_signal(signal.SIGTERM)
+            nginx.wait(10)
+    out = f"{table(results)}\n\n{ratios(results)}\n"
+    print(out)
+    (ROOT / "bench" / "out").mkdir(exist_ok=True)
+    (ROOT / "bench" / "out" / "proxy-latest.md").write_text(out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
