@@ -32,7 +32,7 @@ class ApiRouter:
         methods, handler = route
         if req.method not in methods:
             allow = ", ".join(sorted(methods))
-            raise MethodNotAllowed(f"{req.method} not allowed here", headers=(("Allow", allow),))
+            raise MethodNotAllowed(f"{req.method} not allowed here", headers=[(b"Allow", allow.encode())])
         await handler(req, conn)
 
 

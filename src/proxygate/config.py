@@ -70,6 +70,13 @@ def parse_non_negative_duration(text: str) -> float:
     return value
 
 
+def parse_ipv6_prefix(text: str) -> int:
+    value = parse_positive_int(text)
+    if value > 128:
+        raise ValueError(f"prefix length must be 1..128, got {value}")
+    return value
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """`:8080`, `127.0.0.1:8080`, `[::1]:8080` → (host, port); empty host = all interfaces."""
     text = text.strip()
@@ -168,10 +175,16 @@ GATEWAY_FLAGS: tuple[Flag, ...] = (
     Flag("key", "", str, "TLS private key (PEM) for -proto https"),
     Flag("debug", "false", parse_bool, "debug logging", boolean=True),
     Flag("log-format", "json", parse_choice("json", "text"), "log format: json or text"),
-    Flag("limiter", "memory", parse_choice("memory", "redis"), "rate limiter: memory or redis"),
+    Flag("limiter", "memory", parse_choice("memory", "redis", "none"), "rate limiter: memory, redis or none"),
     Flag("redis-addr", "localhost:6379", parse_host_port, "Redis address for -limiter redis"),
+    Flag("redis-timeout", "250ms", parse_non_negative_duration, "deadline of one Redis rate-limit check"),
     Flag("rate-limit", "100", parse_positive_int, "requests per minute per client"),
     Flag("rate-burst", "20", parse_positive_int, "burst size per client"),
+    Flag("rate-limit-on-error", "open", parse_choice("open", "closed"),
+         "when the Redis limiter fails: open (admit) or closed (503)"),
+    Flag("rate-limit-health", "false", parse_bool, "also rate-limit /metrics, /healthz, /readyz", boolean=True),
+    Flag("rate-limit-max-clients", "100000", parse_positive_int, "clients tracked by the memory limiter"),
+    Flag("rate-limit-ipv6-prefix", "128", parse_ipv6_prefix, "key IPv6 clients by this prefix length (64: per /64)"),
     Flag("worker-addrs", "", parse_addr_list, "comma-separated inference worker addresses"),
     Flag("read-timeout", "30s", parse_non_negative_duration, "time to read a request's headers; a stalled body read"),
     Flag("write-timeout", "60s", parse_non_negative_duration, "time a single write may stall (not a whole response)"),
@@ -203,8 +216,13 @@ class GatewaySettings:
     log_format: str = "json"
     limiter: str = "memory"
     redis_addr: str = "localhost:6379"
+    redis_timeout: float = 0.25
     rate_limit: int = 100
     rate_burst: int = 20
+    rate_limit_on_error: str = "open"
+    rate_limit_health: bool = False
+    rate_limit_max_clients: int = 100_000
+    rate_limit_ipv6_prefix: int = 128
     worker_addrs: tuple[str, ...] = ()
     read_timeout: float = 30.0
     write_timeout: float = 60.0

@@ -6,14 +6,16 @@ place. `status` is the code, `reason` the one-line text body a user sees.
 
 from __future__ import annotations
 
+Headers = list[tuple[bytes, bytes]]
+
 
 class HttpError(Exception):
     status = 500
 
-    def __init__(self, reason: str, *, headers: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(self, reason: str, *, headers: Headers | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.headers = headers
+        self.headers: Headers = headers or []
 
 
 class BadRequest(HttpError):
@@ -38,6 +40,10 @@ class RequestTimeout(HttpError):
 
 class PayloadTooLarge(HttpError):
     status = 413
+
+
+class TooManyRequests(HttpError):
+    status = 429
 
 
 class HeadersTooLarge(HttpError):

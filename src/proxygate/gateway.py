@@ -20,6 +20,8 @@ from .observability.logging import AccessLog
 from .observability.metrics import GatewayMetrics
 from .policy.blocklist import BlocklistFile
 from .policy.destinations import DestinationPolicy
+from .policy.identity import ClientIdentity
+from .policy.ratelimit import RateLimiter, RateLimitPolicy, build_limiter
 from .proxy.connect import open_tunnel, parse_authority
 from .proxy.dial import Dialer
 from .proxy.forward import Forwarder, Target, block_page
@@ -35,6 +37,7 @@ class Gateway:
         *,
         metrics: GatewayMetrics | None = None,
         access_log: AccessLog | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or GatewayMetrics()
@@ -44,6 +47,17 @@ class Gateway:
         self.dialer = Dialer(self.policy, settings.dial_timeout)
         self.pool = UpstreamPool(self.dialer, settings.upstream_idle_per_host, settings.idle_timeout)
         self.forwarder = Forwarder(self.pool, settings.read_timeout)
+        self.limiter = limiter if limiter is not None else build_limiter(settings)
+        self.rate_limit = (
+            RateLimitPolicy(
+                self.limiter,
+                ClientIdentity(settings.trusted_proxies, settings.rate_limit_ipv6_prefix),
+                self.metrics,
+                fail_open=settings.rate_limit_on_error == "open",
+            )
+            if self.limiter is not None
+            else None
+        )
         self.connections: set[ClientConnection] = set()
         self.shutting_down = False
         self.ready = False
@@ -75,37 +89,62 @@ class Gateway:
 
     async def handle(self, req: Request, conn: ClientConnection) -> None:
         if req.method == "CONNECT":
-            await self._connect(req, conn)
-        elif req.target[:1] == b"/":
-            await self.api.dispatch(req, origin_path(req.target), conn)
-        elif req.is_absolute_form:
-            target = Target(req.target)
-            if self.policy.names_own_listener(target.host, target.port):
-                await self.api.dispatch(req, origin_path(target.path), conn)
+            host, port = parse_authority(req.target)
+            await self._rate_limit(req, "connect")
+            await self._connect(req, host, port, conn)
+            return
+        if req.target[:1] == b"/":
+            path = origin_path(req.target)
+            await self._rate_limit(req, self._endpoint(path))
+            await self.api.dispatch(req, path, conn)
+            return
+        if not req.is_absolute_form:
+            if req.target == b"*" and req.method == "OPTIONS":
+                conn.send(200, [(b"Allow", b"GET, HEAD, POST, CONNECT, OPTIONS")])
                 return
-            if self.blocklist.current.is_blocked(target.host):
-                self.metrics.blocked.inc()
-                conn.send(403, [(b"Content-Type", b"text/html; charset=utf-8")], block_page(target.host))
-                return
-            if req.upgrade:
-                # Protocol upgrades are not relayed: the request goes through
-                # as plain HTTP, and the connection ends after it.
-                conn.close_after = True
-            try:
-                await self.forwarder.forward(req, target, conn)
-            except DestinationDenied:
-                self.metrics.denied.labels("destination").inc()
-                raise
-            except HttpError as exc:
-                self.metrics.upstream_errors.labels(str(exc.status)).inc()
-                raise
-        elif req.target == b"*" and req.method == "OPTIONS":
-            conn.send(200, [(b"Allow", b"GET, HEAD, POST, CONNECT, OPTIONS")])
-        else:
             raise BadRequest("request target must be a path, an absolute http:// URL, or host:port for CONNECT")
+        target = Target(req.target)
+        if self.policy.names_own_listener(target.host, target.port):
+            path = origin_path(target.path)
+            await self._rate_limit(req, self._endpoint(path))
+            await self.api.dispatch(req, path, conn)
+            return
+        await self._rate_limit(req, "proxy")
+        if self.blocklist.current.is_blocked(target.host):
+            self.metrics.blocked.inc()
+            conn.send(403, [(b"Content-Type", b"text/html; charset=utf-8")], block_page(target.host))
+            return
+        if req.upgrade:
+            # Protocol upgrades are not relayed: the request goes through as
+            # plain HTTP, and the connection ends after it.
+            conn.close_after = True
+        try:
+            await self.forwarder.forward(req, target, conn)
+        except DestinationDenied:
+            self.metrics.denied.labels("destination").inc()
+            raise
+        except HttpError as exc:
+            self.metrics.upstream_errors.labels(str(exc.status)).inc()
+            raise
 
-    async def _connect(self, req: Request, conn: ClientConnection) -> None:
-        host, port = parse_authority(req.target)
+    def _endpoint(self, path: bytes) -> str:
+        """The rate-limit class of an origin-form path ("" = exempt)."""
+        if path in _HEALTH_PATHS and not self.settings.rate_limit_health:
+            return ""
+        if path == b"/v1/inference":
+            return "inference"
+        if path.startswith(b"/v1/"):
+            return "openai"
+        return "other"
+
+    async def _rate_limit(self, req: Request, endpoint: str) -> None:
+        if self.rate_limit is None or not endpoint:
+            return
+        decision = await self.rate_limit.admit(req, endpoint)
+        if decision is not None:
+            req.extra_headers = decision.headers()
+
+    async def _connect(self, req: Request, host: str, port: int, conn: ClientConnection) -> None:
         conn.close_after = True
         if self.blocklist.current.is_blocked(host):
             self.metrics.blocked.inc()
@@ -186,8 +225,13 @@ class Gateway:
         for conn in left:
             conn.abort()
         self.pool.close_all()
+        if self.limiter is not None:
+            await self.limiter.aclose()
         self.access_log.flush()
         return len(left)
+
+
+_HEALTH_PATHS = frozenset({b"/metrics", b"/healthz", b"/readyz"})
 
 
 def _log_host_path(req: Request) -> tuple[str, str]:

@@ -17,6 +17,7 @@ from .config import GatewaySettings
 from .gateway import Gateway
 from .http.connection import ClientConnection
 from .policy.blocklist import BlocklistError
+from .policy.ratelimit import LimiterUnavailable, MemoryLimiter, RedisLimiter
 
 log = logging.getLogger("proxygate.server")
 
@@ -43,6 +44,8 @@ async def _housekeeping(gateway: Gateway) -> None:
             if gateway.blocklist.changed_on_disk():
                 gateway.blocklist.reload()
             gateway.pool.sweep()
+            if isinstance(gateway.limiter, MemoryLimiter) and tick % (ticks_per_watch * 30) == 0:
+                gateway.limiter.sweep()
 
 
 async def serve(settings: GatewaySettings, gateway: Gateway | None = None) -> int:
@@ -53,6 +56,12 @@ async def serve(settings: GatewaySettings, gateway: Gateway | None = None) -> in
     except (OSError, BlocklistError, UnicodeDecodeError) as exc:
         log.error("cannot load blocklist %s: %s", settings.blocklist, exc)
         return 1
+    if isinstance(gateway.limiter, RedisLimiter):
+        try:
+            await gateway.limiter.ping()
+        except LimiterUnavailable as exc:
+            log.error("%s (-limiter redis needs a reachable Redis at start)", exc)
+            return 1
     loop = asyncio.get_running_loop()
     ssl_ctx = None
     if settings.proto == "https":

@@ -15,6 +15,9 @@ LISTENING = re.compile(r"listening on (https?)://127\.0\.0\.1:(\d+)")
 
 # Loopback origins need these; the policy tests start gateways without them.
 OPEN_POLICY = ("--connect-ports", "*", "--deny-destinations", "")
+# The memory limiter stays on in every test, with a budget no test exhausts
+# (rate-limit tests pass their own -rate-limit/-rate-burst, which come later and win).
+GENEROUS_LIMITS = ("-rate-limit", "1000000", "-rate-burst", "1000000")
 
 
 class GatewayProcess:
@@ -25,7 +28,7 @@ class GatewayProcess:
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxygate", "gateway", "--listen", "127.0.0.1:0", *args],
+            [sys.executable, "-m", "proxygate", "gateway", "--listen", "127.0.0.1:0", *GENEROUS_LIMITS, *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=full_env,

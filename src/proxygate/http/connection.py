@@ -415,6 +415,10 @@ class ClientConnection(asyncio.Protocol):
         self.current = None
         if self.closed or self.relay is not None:
             return False
+        if req.upgrade or req.method == "CONNECT":
+            # After CONNECT/Upgrade the bytes that follow are not HTTP: this
+            # connection cannot carry another request.
+            self.close_after = True
         body = req.body
         if body is not None and not body.finished_receiving:
             # The handler did not read the whole upload: the bytes left
@@ -448,6 +452,8 @@ class ClientConnection(asyncio.Protocol):
         version = b"1.1"
         if req is not None:
             extra.append((b"X-Request-ID", req.request_id.encode("ascii")))
+            if req.extra_headers:
+                extra += req.extra_headers
             version = b"1.1" if req.version == b"1.1" else b"1.0"
             if self.close_after or not req.keep_alive or self.draining:
                 extra.append((b"Connection", b"close"))
@@ -480,7 +486,7 @@ class ClientConnection(asyncio.Protocol):
         reason = error.reason if isinstance(error, HttpError) else "internal error"
         headers: Headers = [(b"Content-Type", b"text/plain; charset=utf-8")]
         if isinstance(error, HttpError):
-            headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in error.headers]
+            headers += error.headers
         self.send(status, headers, reason.encode("utf-8", "replace") + b"\n", close=close)
 
     # ---- relay mode (CONNECT) ------------------------------------------------

@@ -71,6 +71,8 @@ class Request:
     content_length: int | None = None
     chunked: bool = False
     started: float = field(default_factory=time.perf_counter)
+    # Headers every response to this request carries (rate-limit state).
+    extra_headers: Headers = field(default_factory=list)
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a header, by lower-case name."""

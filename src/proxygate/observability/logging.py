@@ -7,6 +7,7 @@ flushed a few times a second and at shutdown.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -56,7 +57,15 @@ class AccessLog:
 
     def __init__(self, log_format: str, stream: IO[str] | None = None) -> None:
         self.json = log_format == "json"
-        self.stream = stream or sys.stderr
+        # Python's stderr is line-buffered (a write syscall per line); the
+        # access log gets its own block-buffered stream on stdout instead,
+        # flushed by the server a few times a second and at exit.
+        self.stream = stream or io.TextIOWrapper(
+            io.BufferedWriter(io.FileIO(sys.stdout.fileno(), "w", closefd=False), 1 << 16),
+            encoding="utf-8",
+            errors="replace",
+            line_buffering=False,
+        )
         self._second = -1
         self._stamp = ""
 

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+ENDPOINT_CLASSES = ("proxy", "connect", "inference", "openai", "other")
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -52,6 +53,14 @@ class GatewayMetrics:
         )
         self.bytes = Counter(
             "proxy_response_bytes_total", "Bytes of HTTP responses sent to clients", registry=r
+        )
+        self.rate_limited = Counter(
+            "rate_limited_requests_total", "Requests refused by the rate limiter", ["endpoint"], registry=r
+        )
+        for endpoint in ENDPOINT_CLASSES:
+            self.rate_limited.labels(endpoint)
+        self.rate_limiter_errors = Counter(
+            "rate_limiter_errors_total", "Rate-limit checks that failed (store unreachable or slow)", registry=r
         )
         self._request_children: dict[tuple[str, int], tuple[Counter, Counter, Histogram]] = {}
 

@@ -1,0 +1,92 @@
+"""Rate limiting: one policy step in front of every request, two bucket stores.
+
+`RateLimitPolicy.admit` names the client (`ClientIdentity`), asks the store
+(`MemoryLimiter` or `RedisLimiter`, same leaky-bucket semantics) and either
+returns the decision (its headers go on the response) or raises 429. When the
+shared store fails it fails open or closed as configured, logging once per
+outage rather than once per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from ...config import GatewaySettings
+from ...errors import ServiceUnavailable, TooManyRequests
+from ...http.message import Request
+from ...observability.metrics import GatewayMetrics
+from ..identity import ClientIdentity
+from .bucket import BucketSpec, Decision
+from .memory import MemoryLimiter
+from .redis_store import LimiterUnavailable, RedisLimiter
+
+log = logging.getLogger("proxygate.ratelimit")
+
+__all__ = [
+    "BucketSpec",
+    "Decision",
+    "LimiterUnavailable",
+    "MemoryLimiter",
+    "RateLimitPolicy",
+    "RateLimiter",
+    "RedisLimiter",
+    "build_limiter",
+]
+
+
+class RateLimiter(Protocol):
+    name: str
+
+    async def check(self, key: str) -> Decision: ...
+
+    async def aclose(self) -> None: ...
+
+
+def build_limiter(settings: GatewaySettings) -> RateLimiter | None:
+    spec = BucketSpec.per_minute(settings.rate_limit, settings.rate_burst)
+    if settings.limiter == "none":
+        return None
+    if settings.limiter == "redis":
+        return RedisLimiter(spec, settings.redis_addr, settings.redis_timeout)
+    return MemoryLimiter(spec, settings.rate_limit_max_clients)
+
+
+class RateLimitPolicy:
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        identity: ClientIdentity,
+        metrics: GatewayMetrics,
+        fail_open: bool = True,
+    ) -> None:
+        self.limiter = limiter
+        self.identity = identity
+        self.metrics = metrics
+        self.fail_open = fail_open
+        self._outage = False
+
+    async def admit(self, req: Request, endpoint: str) -> Decision | None:
+        """The decision for an admitted request (None if the store is down and we fail open)."""
+        key = self.identity.key(req.peer_ip, req.headers)
+        try:
+            decision = await self.limiter.check(key)
+        except LimiterUnavailable as exc:
+            self.metrics.rate_limiter_errors.inc()
+            if not self._outage:
+                self._outage = True
+                log.error(
+                    "rate limiter store unavailable (%s); failing %s until it recovers",
+                    exc,
+                    "open" if self.fail_open else "closed",
+                )
+            if self.fail_open:
+                return None
+            raise ServiceUnavailable("rate limiter unavailable", headers=[(b"Retry-After", b"1")]) from None
+        if self._outage:
+            self._outage = False
+            log.warning("rate limiter store recovered")
+        if not decision.allowed:
+            self.metrics.rate_limited.labels(endpoint).inc()
+            raise TooManyRequests("rate limit exceeded", headers=decision.headers())
+        return decision

@@ -1,0 +1,62 @@
+"""The leaky bucket, as pure arithmetic shared by every limiter store.
+
+A client's bucket holds `level` units and drains at `rate` units per second;
+a request adds one unit and is admitted only if the bucket then holds at most
+`capacity`. A rejected request still records the drained level and the new
+time (the seed moved only the time, so a client slightly over the limit never
+drained and was shut out almost completely).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    limit: int  # the bucket's capacity (burst)
+    remaining: int  # whole requests admissible right now
+    retry_after: float  # seconds until one more request fits (0 when allowed)
+    reset_after: float  # seconds until the bucket is empty again
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        out = [
+            (b"X-RateLimit-Limit", str(self.limit).encode()),
+            (b"X-RateLimit-Remaining", str(self.remaining).encode()),
+            (b"X-RateLimit-Reset", str(math.ceil(self.reset_after)).encode()),
+        ]
+        if not self.allowed:
+            out.append((b"Retry-After", str(max(1, math.ceil(self.retry_after))).encode()))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSpec:
+    capacity: int
+    rate: float  # units drained per second
+
+    @classmethod
+    def per_minute(cls, requests_per_minute: float, burst: int) -> BucketSpec:
+        return cls(capacity=burst, rate=requests_per_minute / 60.0)
+
+    def drained(self, level: float, last: float, now: float) -> float:
+        """The level at `now` of a bucket that held `level` at time `last`."""
+        return max(0.0, level - max(0.0, now - last) * self.rate)
+
+    def take(self, level: float, last: float, now: float, cost: float = 1.0) -> tuple[bool, float]:
+        """Admit or reject one request; (allowed, level after) — store both with `now`."""
+        current = self.drained(level, last, now)
+        if current + cost <= self.capacity + 1e-9:
+            return True, current + cost
+        return False, current
+
+    def decision(self, allowed: bool, level: float, cost: float = 1.0) -> Decision:
+        remaining = max(0, math.floor(self.capacity - level + 1e-9))
+        retry = 0.0 if allowed else max(0.0, (level + cost - self.capacity) / self.rate)
+        return Decision(allowed, self.capacity, remaining, retry, level / self.rate)
+
+    def idle_after(self, level: float) -> float:
+        """Seconds after which a bucket at `level` is empty and may be forgotten."""
+        return level / self.rate
