@@ -6,11 +6,13 @@ import ssl
 from pathlib import Path
 from typing import Callable, Iterator
 
+import hypothesis  # noqa: F401  imported up front: a late import (pytest rewriting it at session end) trips CPython 3.11.7's AST recursion check
 import pytest
 import trustme
 
 from tests.support.gateway import OPEN_POLICY, GatewayProcess
 from tests.support.origin import EchoTcpServer, Origin
+from tests.support.redis_server import RedisServer
 
 
 def require_binary(name: str, package: str) -> str:
@@ -105,3 +107,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
     gw = GatewayProcess([*OPEN_POLICY, "--blocklist", str(blocklist)], folder / "gateway.log")
     yield gw
     gw.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh real redis-server for one test (fails, naming the package, when missing)."""
+    require_binary("redis-server", "redis-server")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
