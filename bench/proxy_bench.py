@@ -160,7 +160,9 @@ def make_proxies(work: Path, only: set[str] | None) -> list[Proxy]:
             Proxy(
                 "proxygate",
                 [sys.executable, "-m", "proxygate", "gateway", "--listen", f"127.0.0.1:{port}",
-                 "--connect-ports", "*", "--deny-destinations", "", "--blocklist", str(work / "none.json")],
+                 "--connect-ports", "*", "--deny-destinations", "", "--blocklist", str(work / "none.json"),
+                 # the memory limiter checks every request, with a budget the load never exhausts
+                 "-rate-limit", "1000000000", "-rate-burst", "1000000000"],
                 port,
             )
         )

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import redis.asyncio
 import requests
 
 from proxygate.policy.ratelimit import BucketSpec, MemoryLimiter, RedisLimiter
@@ -74,14 +75,17 @@ def test_store_slightly_over_limit_client(store) -> None:
 
 def test_redis_keys_expire_and_use_a_hash_tag(redis_server: RedisServer) -> None:
     async def run() -> list:
+        # Checked with an independent client (redis-py), not our own.
         lim = RedisLimiter(BucketSpec.per_minute(6000, 5), redis_server.addr)
+        other = redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port)
         try:
             await lim.check("198.51.100.7")
-            keys = await lim.client.keys("*")
-            ttl = await lim.client.pttl(keys[0])
+            keys = await other.keys("*")
+            ttl = await other.pttl(keys[0])
             return [keys, ttl]
         finally:
             await lim.aclose()
+            await other.aclose()
 
     keys, ttl = asyncio.run(run())
     assert keys == [b"pg:rl:{198.51.100.7}"]

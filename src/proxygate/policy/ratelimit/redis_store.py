@@ -9,12 +9,10 @@ disagree still agree on every bucket. Keys carry a hash tag per client
 from __future__ import annotations
 
 import logging
-from typing import Any
-
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from .bucket import BucketSpec, Decision
+from .redis_client import PipelinedRedis, RedisUnavailable, Script
+from .resp import RespError
 
 log = logging.getLogger("proxygate.ratelimit")
 
@@ -59,36 +57,30 @@ def parse_redis_addr(addr: str) -> tuple[str, int]:
 class RedisLimiter:
     name = "redis"
 
-    def __init__(self, spec: BucketSpec, addr: str, timeout: float = 0.25, max_connections: int = 64) -> None:
+    def __init__(self, spec: BucketSpec, addr: str, timeout: float = 0.25, connections: int = 4) -> None:
         self.spec = spec
         host, port = parse_redis_addr(addr)
         self.addr = f"{host}:{port}"
-        pool = aioredis.BlockingConnectionPool(
-            host=host,
-            port=port,
-            max_connections=max_connections,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-        )
-        self.client: Any = aioredis.Redis(connection_pool=pool)
-        self._script = self.client.register_script(LEAKY_BUCKET_LUA)
-        self._capacity = str(spec.capacity)
-        self._rate = repr(spec.rate)
+        self.client = PipelinedRedis(host, port, timeout, connections)
+        self._script = Script(self.client, LEAKY_BUCKET_LUA)
+        self._args = [str(spec.capacity), repr(spec.rate), "1"]
 
     async def ping(self) -> None:
         """Raises LimiterUnavailable when Redis cannot be reached (used at start)."""
         try:
-            await self.client.ping()
-        except (RedisError, OSError) as exc:
+            await self.client.call("PING")
+        except (RedisUnavailable, RespError) as exc:
             raise LimiterUnavailable(f"cannot reach Redis at {self.addr}: {exc}") from None
 
     async def check(self, key: str) -> Decision:
         try:
-            allowed, level = await self._script(keys=[f"pg:rl:{{{key}}}"], args=[self._capacity, self._rate, "1"])
-        except (RedisError, OSError) as exc:
-            raise LimiterUnavailable(str(exc) or type(exc).__name__) from None
-        return self.spec.decision(bool(allowed), float(level))
+            reply = await self._script(keys=[f"pg:rl:{{{key}}}"], args=self._args)
+        except (RedisUnavailable, RespError) as exc:
+            raise LimiterUnavailable(str(exc)) from None
+        if not isinstance(reply, list) or len(reply) != 2:
+            raise LimiterUnavailable(f"unexpected reply from the rate-limit script: {reply!r}")
+        allowed, level = reply
+        return self.spec.decision(allowed == 1, float(level))  # type: ignore[arg-type]
 
     async def aclose(self) -> None:
         await self.client.aclose()
