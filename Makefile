@@ -1,4 +1,4 @@
-.PHONY: test unit run bench lint typecheck
+.PHONY: test unit run bench lint typecheck proto
 PY := .venv/bin/python
 
 test:           ## install into .venv and run the whole suite
@@ -10,11 +10,15 @@ unit:           ## fast unit tests only
 run:            ## start the gateway on :8080
 	./scripts/run
 
-bench:          ## proxy benchmark against a direct connection and peers (see bench/README.md)
+bench:          ## proxy and rate-limiter benchmarks (results: bench/RESULTS.md)
 	$(PY) bench/proxy_bench.py
+	$(PY) bench/ratelimit_bench.py
 
 lint:
 	$(PY) -m ruff check src tests bench
 
 typecheck:
 	$(PY) -m mypy
+
+proto:          ## regenerate src/proxygate/_pb from proto/inference.proto
+	$(PY) scripts/gen_proto.py

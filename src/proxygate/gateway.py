@@ -18,6 +18,9 @@ from .http.connection import ClientConnection
 from .http.message import Request
 from .observability.logging import AccessLog
 from .observability.metrics import GatewayMetrics
+from .inference.api import SeedInferenceApi
+from .inference.metrics import InferenceMetrics
+from .inference.service import InferenceLimits, InferenceService
 from .policy.blocklist import BlocklistFile
 from .policy.destinations import DestinationPolicy
 from .policy.identity import ClientIdentity
@@ -65,12 +68,27 @@ class Gateway:
         self.api.add("/metrics", ("GET",), self._metrics)
         self.api.add("/healthz", ("GET",), self._healthz)
         self.api.add("/readyz", ("GET",), self._readyz)
+        self.inference = InferenceService(
+            settings.worker_addrs,
+            InferenceLimits(
+                max_queue=settings.max_queue,
+                queue_timeout=settings.queue_timeout,
+                inference_timeout=settings.inference_timeout,
+                health_interval=settings.health_interval,
+                health_timeout=settings.health_timeout,
+                eject_after=settings.worker_eject_after,
+            ),
+            InferenceMetrics(self.metrics.registry),
+        )
+        seed_api = SeedInferenceApi(self.inference, settings.max_tokens_limit, settings.max_prompt_bytes)
+        self.api.add("/v1/inference", ("POST",), seed_api.handle)
         self._all_closed: asyncio.Event | None = None
 
     def bound(self, port: int) -> None:
         """The listener is up on `port` (known only now when asked for port 0)."""
         self.policy = DestinationPolicy.from_settings(self.settings, bound_port=port)
         self.dialer.policy = self.policy
+        self.inference.start()
         self.ready = True
 
     # ---- connection bookkeeping ---------------------------------------------
@@ -213,6 +231,7 @@ class Gateway:
         Returns how many had to be aborted.
         """
         self.shutting_down = True
+        self.inference.accepting = False
         self._all_closed = asyncio.Event()
         for conn in list(self.connections):
             conn.shutdown()
@@ -225,6 +244,7 @@ class Gateway:
         for conn in left:
             conn.abort()
         self.pool.close_all()
+        await self.inference.aclose()
         if self.limiter is not None:
             await self.limiter.aclose()
         self.access_log.flush()

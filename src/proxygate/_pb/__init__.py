@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for proto/inference.proto (make proto); do not edit."""

@@ -1,0 +1,59 @@
+"""Server-sent events on a client connection: framing and the lazily sent head."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..http.message import Headers, Request
+
+if TYPE_CHECKING:
+    from ..http.connection import ClientConnection
+
+SSE_HEADERS: Headers = [
+    (b"Content-Type", b"text/event-stream"),
+    (b"Cache-Control", b"no-cache"),
+    (b"X-Accel-Buffering", b"no"),
+]
+
+
+def encode_event(data: str, event: str | None = None) -> bytes:
+    """One SSE event. Data is forced onto one line: a newline would end the event early."""
+    line = " ".join(data.splitlines()) if ("\n" in data or "\r" in data) else data
+    head = b"event: %s\n" % event.encode() if event else b""
+    return head + b"data: " + line.encode() + b"\n\n"
+
+
+class SseWriter:
+    """Writes events; the response head goes out with the first one."""
+
+    def __init__(self, conn: ClientConnection, req: Request) -> None:
+        self.conn = conn
+        self.chunked = req.version == b"1.1"
+        self.started = False
+        self.ended = False
+
+    def _frame(self, payload: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(payload), payload) if self.chunked else payload
+
+    async def send_raw(self, payload: bytes) -> None:
+        out = self._frame(payload)
+        if not self.started:
+            self.started = True
+            headers = list(SSE_HEADERS)
+            if self.chunked:
+                headers.append((b"Transfer-Encoding", b"chunked"))
+            out = self.conn.start_response(200, headers, close=not self.chunked) + out
+        self.conn.write(out)
+        await self.conn.drain()
+
+    async def send(self, data: str, event: str | None = None) -> None:
+        await self.send_raw(encode_event(data, event))
+
+    async def error(self, message: str) -> None:
+        await self.send(message, event="error")
+
+    def end(self) -> None:
+        if self.started and not self.ended:
+            self.ended = True
+            if self.chunked:
+                self.conn.write(b"0\r\n\r\n")

@@ -1,0 +1,39 @@
+"""The seed's mock worker: `[model] ` then the prompt's words, one per token."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+from .base import GenerationParams, GenerationResult
+
+
+class EchoEngine:
+    name = "echo"
+
+    def __init__(self, models: tuple[str, ...] = (), latency: float = 0.0, max_concurrency: int = 1) -> None:
+        self.models = models
+        self.latency = latency
+        self.max_concurrency = max_concurrency
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def generate(self, params: GenerationParams, result: GenerationResult) -> AsyncIterator[str]:
+        words = params.prompt.split()
+        result.prompt_tokens = len(words)
+        tokens = [f"[{params.model}] "] + [w + " " for w in words]
+        result.finish_reason = "stop" if len(tokens) <= params.max_tokens else "length"
+        for token in tokens[: params.max_tokens]:
+            if self.latency > 0:
+                await asyncio.sleep(self.latency)
+            else:
+                await asyncio.sleep(0)  # stay cancellable and fair with zero latency
+            yield token
+
+    async def aclose(self) -> None:
+        return None
