@@ -149,6 +149,8 @@ class ClientConnection(asyncio.Protocol):
             return True  # keep our sending half open: half-close
         if self._parsing is not None and self._parsing.body is not None:
             self._parsing.body.set_exception(ConnectionResetError("client closed mid-body"))
+        if self.current is not None and self.current.abort_on_client_eof:
+            return None  # closes the transport: the handler is cancelled as for a lost client
         if self.current is not None or self.pending:
             # The client may half-close after a request and still read the answer.
             self.close_after = True

@@ -73,6 +73,9 @@ class Request:
     started: float = field(default_factory=time.perf_counter)
     # Headers every response to this request carries (rate-limit state).
     extra_headers: Headers = field(default_factory=list)
+    # A client EOF means the client is gone (streams to people, not uploads
+    # from half-closing scripts): stop the work instead of finishing it.
+    abort_on_client_eof: bool = False
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a header, by lower-case name."""

@@ -95,7 +95,7 @@ def parse_generation(
         request_id=request_id,
         prompt=prompt,
         model=model,
-        max_tokens=_integer(body, "max_tokens", 100, 1, max_tokens_limit),
+        max_tokens=_integer(body, "max_tokens", min(100, max_tokens_limit), 1, max_tokens_limit),
         temperature=_number(body, "temperature", 0.7, 0.0, 2.0),
         priority=_integer(body, "priority", 1, 1, 10),
         stop=stop,
@@ -112,6 +112,7 @@ class SeedInferenceApi:
 
     async def handle(self, req: Request, conn: ClientConnection) -> None:
         body = await read_json_body(req)
+        req.abort_on_client_eof = True
         gen = parse_generation(
             body,
             req.request_id,
