@@ -40,6 +40,7 @@ class ModelService(inference_pb2_grpc.ModelServiceServicer):
             top_p=request.top_p if 0 < request.top_p <= 1 else 1.0,
             stop=tuple(request.stop),
             seed=request.seed if request.has_seed else None,
+            raw_prompt=request.raw_prompt,
         )
         self.waiting += 1
         try:
@@ -112,6 +113,15 @@ async def serve_worker(engine: Engine, host: str, port: int) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loader = loop.create_task(engine.start())
+    failed: list[BaseException] = []
+
+    def loaded(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            failed.append(task.exception())  # type: ignore[arg-type]
+            log.error("engine failed to start: %s", task.exception())
+            stop.set()
+
+    loader.add_done_callback(loaded)
     try:
         await stop.wait()
     finally:
@@ -119,4 +129,4 @@ async def serve_worker(engine: Engine, host: str, port: int) -> int:
         await server.stop(grace=5)
         await engine.aclose()
         log.info("worker stopped")
-    return 0
+    return 1 if failed else 0

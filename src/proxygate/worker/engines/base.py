@@ -16,6 +16,7 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    raw_prompt: bool = False  # True: no chat template (completions); False: the prompt is a user message
 
 
 @dataclass(slots=True)
