@@ -20,8 +20,9 @@ LISTENING = re.compile(r"worker listening on 127\.0\.0\.1:(\d+)")
 
 
 class WorkerProcess:
-    def __init__(self, args: list[str], log_path: Path, port: int = 0) -> None:
+    def __init__(self, args: list[str], log_path: Path, port: int = 0, env: dict[str, str] | None = None) -> None:
         self.args = args
+        self.env = env or {}
         self.log_path = log_path
         self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
@@ -30,7 +31,7 @@ class WorkerProcess:
     def start(self) -> None:
         self._log = open(self.log_path, "ab")
         offset = self.log_path.stat().st_size
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxygate", "worker", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
             stdout=self._log,
