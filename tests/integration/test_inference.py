@@ -340,3 +340,25 @@ def test_inference_metrics(start_gateway, start_worker) -> None:
         "inference_in_flight 0.0",
     ):
         assert needle in text, needle
+
+
+def test_inference_timeout(start_gateway, start_worker) -> None:
+    w = start_worker("--latency", "0.2", "--max-concurrency", "2")
+    gw = start_gateway("-worker-addrs", w.addr, "-inference-timeout", "700ms")
+    wait_healthy(gw)
+    # Mid-stream: the deadline ends the stream with an error event, and the worker stops.
+    ev = events(infer(gw, {"prompt": " ".join(["slow"] * 30)}))
+    assert ev[-1] == ("error", "inference timed out") and 1 <= len(ev) - 1 <= 4, ev
+    # Before the first token (one token takes 0.2 s; the whole budget is used up queued behind two others).
+    blockers = [threading.Thread(target=lambda: events(infer(gw, {"prompt": " ".join(["b"] * 30)}))) for _ in range(2)]
+    for t in blockers:
+        t.start()
+    time.sleep(0.1)
+    r = infer(gw, {"prompt": "late"})
+    assert r.status_code in (503, 504), r.text
+    for t in blockers:
+        t.join(30)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and w.health().active_sequences:
+        time.sleep(0.05)
+    assert w.health().active_sequences == 0

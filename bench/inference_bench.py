@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Inference-plane benchmark, in one run, loopback only, bounded in count and time.
+
+(a) time to first token and per-token latency through the gateway vs a direct
+    gRPC call to the same echo worker (p50/p99);
+(b) tokens/s streamed through one gateway process from zero-latency echo
+    workers at 64 concurrent streams;
+(c) hf worker (SmolLM2-135M, CPU) tokens/s: one stream vs 8 concurrent streams.
+
+Run: .venv/bin/python bench/inference_bench.py [--skip-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from proxy_bench import free_port, wait_port  # noqa: E402
+
+from proxygate._pb import inference_pb2 as pb  # noqa: E402
+from proxygate._pb import inference_pb2_grpc as pbg  # noqa: E402
+
+
+def start(argv: list[str], port: int, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    wait_port(port, 120)
+    return proc
+
+
+def worker(port: int, log: Path, *flags: str) -> subprocess.Popen:
+    return start([sys.executable, "-m", "proxygate", "worker", "--host", "127.0.0.1", "--port", str(port), *flags],
+                 port, log)
+
+
+def gateway(port: int, workers: list[int], log: Path) -> subprocess.Popen:
+    addrs = ",".join(f"127.0.0.1:{p}" for p in workers)
+    proc = start([sys.executable, "-m", "proxygate", "gateway", "--listen", f"127.0.0.1:{port}",
+                  "-worker-addrs", addrs, "-limiter", "none", "--blocklist", "/nonexistent",
+                  "--max-queue", "10000"], port, log)
+    time.sleep(1.5)  # first health poll
+    return proc
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+# ---- clients -----------------------------------------------------------------------
+
+
+async def sse_request(port: int, body: dict) -> tuple[float, list[float], int]:
+    """(ttft, inter-token gaps, tokens) of one /v1/inference stream, timed from the request's send."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    payload = json.dumps(body).encode()
+    start = time.perf_counter()
+    writer.write(b"POST /v1/inference HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(payload), payload))
+    ttft = 0.0
+    gaps: list[float] = []
+    tokens = 0
+    last = start
+    while True:
+        data = await reader.read(65536)
+        if not data:
+            break
+        n = data.count(b'"token":')
+        if n:
+            now = time.perf_counter()
+            if not tokens:
+                ttft = now - start
+            else:
+                gaps.append((now - last) / n)
+            tokens += n
+            last = now
+        if b'"finished":true' in data:
+            break
+    writer.close()
+    return ttft, gaps, tokens
+
+
+async def grpc_request(stub: pbg.ModelServiceStub, body: dict) -> tuple[float, list[float], int]:
+    start = time.perf_counter()
+    ttft = 0.0
+    gaps: list[float] = []
+    tokens = 0
+    last = start
+    async for msg in stub.Generate(pb.GenerateRequest(request_id="b", model="default-model", prompt=body["prompt"],
+                                                      max_tokens=body["max_tokens"], temperature=0.0)):
+        if msg.token:
+            now = time.perf_counter()
+            if not tokens:
+                ttft = now - start
+            else:
+                gaps.append(now - last)
+            tokens += 1
+            last = now
+    return ttft, gaps, tokens
+
+
+async def latency_compare(gw_port: int, worker_port: int, n: int) -> dict[str, dict[str, float]]:
+    body = {"prompt": " ".join(f"w{i}" for i in range(20)), "max_tokens": 21, "temperature": 0}
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{worker_port}")
+    stub = pbg.ModelServiceStub(channel)
+    out: dict[str, dict[str, float]] = {}
+    samples: dict[str, tuple[list[float], list[float]]] = {"direct gRPC": ([], []), "via gateway": ([], [])}
+    for _ in range(n):  # interleaved so drift hits both alike
+        for name in samples:
+            if name == "direct gRPC":
+                ttft, gaps, _ = await grpc_request(stub, body)
+            else:
+                ttft, gaps, _ = await sse_request(gw_port, body)
+            samples[name][0].append(ttft)
+            samples[name][1].extend(gaps)
+    await channel.close()
+    for name, (ttfts, gaps) in samples.items():
+        out[name] = {
+            "ttft_p50_ms": pct(ttfts, 0.5) * 1e3,
+            "ttft_p99_ms": pct(ttfts, 0.99) * 1e3,
+            "token_p50_ms": pct(gaps, 0.5) * 1e3,
+            "token_p99_ms": pct(gaps, 0.99) * 1e3,
+        }
+    return out
+
+
+async def throughput(gw_port: int, streams: int, seconds: float, tokens_per_stream: int) -> float:
+    body = {"prompt": " ".join(["tok"] * (tokens_per_stream - 1)), "max_tokens": tokens_per_stream}
+    deadline = time.monotonic() + seconds
+    total = 0
+
+    async def loop() -> None:
+        nonlocal total
+        while time.monotonic() < deadline:
+            _, _, n = await sse_request(gw_port, body)
+            total += n
+
+    start = time.monotonic()
+    await asyncio.gather(*(loop() for _ in range(streams)))
+    return total / (time.monotonic() - start)
+
+
+async def hf_rate(worker_port: int, streams: int, max_tokens: int) -> float:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{worker_port}")
+    stub = pbg.ModelServiceStub(channel)
+    prompts = ["Write a long story about a lighthouse keeper.", "Explain how rain forms, in detail.",
+               "Describe a walk through a busy market.", "Write a letter to a friend about a trip.",
+               "List many animals and describe each.", "Tell the history of bread.",
+               "Describe the planets of the solar system.", "Write a poem about autumn leaves."]
+
+    async def one(i: int) -> int:
+        n = 0
+        async for msg in stub.Generate(pb.GenerateRequest(request_id=str(i), model="m", prompt=prompts[i % 8],
+                                                          max_tokens=max_tokens, temperature=0.8, seed=i,
+                                                          has_seed=True)):
+            n += 1 if msg.token else 0
+        return n
+
+    start = time.monotonic()
+    counts = await asyncio.gather(*(one(i) for i in range(streams)))
+    elapsed = time.monotonic() - start
+    await channel.close()
+    return sum(counts) / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=200, help="requests per side for (a)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="duration of (b)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--skip-hf", action="store_true")
+    args = parser.parse_args()
+    logs = ROOT / "bench" / "out"
+    logs.mkdir(exist_ok=True)
+    lines: list[str] = []
+    procs: list[subprocess.Popen] = []
+    try:
+        # (a) one echo worker with a small per-token latency, gateway in front.
+        w_port, g_port = free_port(), free_port()
+        procs.append(worker(w_port, logs / "bench-worker-a.log", "--latency", "0.002", "--max-concurrency", "8"))
+        procs.append(gateway(g_port, [w_port], logs / "bench-gw-a.log"))
+        lat = asyncio.run(latency_compare(g_port, w_port, args.samples))
+        lines += ["### (a) latency, echo worker at 2 ms/token, one request at a time", "",
+                  "| path | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | per-token p99 ms |", "|---|---|---|---|---|"]
+        for name, row in lat.items():
+            lines.append(f"| {name} | {row['ttft_p50_ms']:.2f} | {row['ttft_p99_ms']:.2f} | "
+                         f"{row['token_p50_ms']:.2f} | {row['token_p99_ms']:.2f} |")
+        added = lat["via gateway"]["ttft_p50_ms"] - lat["direct gRPC"]["ttft_p50_ms"]
+        lines += ["", f"Gateway adds {added:.2f} ms to TTFT p50 (bar: ≤ 1 ms).", ""]
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+        procs.clear()
+
+        # (b) two zero-latency echo workers, 64 concurrent streams.
+        w1, w2, g_port = free_port(), free_port(), free_port()
+        procs.append(worker(w1, logs / "bench-worker-b1.log", "--max-concurrency", "64"))
+        procs.append(worker(w2, logs / "bench-worker-b2.log", "--max-concurrency", "64"))
+        procs.append(gateway(g_port, [w1, w2], logs / "bench-gw-b.log"))
+        rates = [asyncio.run(throughput(g_port, 64, args.seconds, 100)) for _ in range(args.runs)]
+        lines += ["### (b) tokens/s through one gateway, 64 concurrent streams, zero-latency echo workers", "",
+                  f"median {statistics.median(rates):.0f} tokens/s over {args.runs} runs of {args.seconds:g} s "
+                  f"(runs: {', '.join(f'{r:.0f}' for r in rates)}); bar ≥ 20,000.", ""]
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+        procs.clear()
+
+        if not args.skip_hf:
+            # (c) the real model, one stream vs 8 concurrent streams.
+            w_port = free_port()
+            procs.append(worker(w_port, logs / "bench-worker-hf.log", "--engine", "hf", "--max-concurrency", "8",
+                                "--threads", "2"))
+            channel = grpc.insecure_channel(f"127.0.0.1:{w_port}")
+            stub = pbg.ModelServiceStub(channel)
+            deadline = time.monotonic() + 180
+            while not stub.Health(pb.HealthRequest()).ready and time.monotonic() < deadline:
+                time.sleep(0.5)
+            channel.close()
+            asyncio.run(hf_rate(w_port, 1, 8))  # warm-up
+            one = [asyncio.run(hf_rate(w_port, 1, 64)) for _ in range(args.runs)]
+            eight = [asyncio.run(hf_rate(w_port, 8, 64)) for _ in range(args.runs)]
+            ratio = statistics.median(eight) / statistics.median(one)
+            lines += ["### (c) hf worker (SmolLM2-135M-Instruct, bf16, CPU, 2 threads), 64 tokens per stream", "",
+                      "| streams | tokens/s (median) | runs |", "|---|---|---|",
+                      f"| 1 | {statistics.median(one):.1f} | {', '.join(f'{r:.1f}' for r in one)} |",
+                      f"| 8 | {statistics.median(eight):.1f} | {', '.join(f'{r:.1f}' for r in eight)} |", "",
+                      f"8 streams / 1 stream = {ratio:.2f}× (bar ≥ 2.5×).", ""]
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+    out = "\n".join(lines)
+    print(out)
+    (logs / "inference-latest.md").write_text(out + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
