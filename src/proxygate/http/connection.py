@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import httptools
 
@@ -234,7 +234,7 @@ class ClientConnection(asyncio.Protocol):
             version=parser.get_http_version().encode("ascii"),
             headers=self._headers,
             keep_alive=parser.should_keep_alive(),
-            body=BodyBuffer(self.transport) if has_body else None,
+            body=BodyBuffer(self.transport, self._continue_hook()) if has_body else None,
             request_id=pick_request_id(self._rid) if self._rid is not None else new_request_id(),
             peer_ip=self.peer_ip,
             host_header=self._host,
@@ -249,6 +249,9 @@ class ClientConnection(asyncio.Protocol):
         if len(self.pending) > MAX_PIPELINED:
             self._pause_reading()
         self._wake_server()
+
+    def _continue_hook(self) -> Callable[[], None] | None:
+        return self.send_continue if self._expect_continue else None
 
     def on_body(self, body: bytes) -> None:
         req = self._parsing

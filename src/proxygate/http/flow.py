@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import Callable
 
 from ..errors import WriteStalled
 
@@ -21,9 +22,16 @@ LOW_WATER = 64 * 1024
 class BodyBuffer:
     """Bytes of one message body in arrival order, read by one consumer."""
 
-    __slots__ = ("_chunks", "_size", "_eof", "_exc", "_waiter", "_transport", "_paused", "received")
+    __slots__ = (
+        "_chunks", "_size", "_eof", "_exc", "_waiter", "_transport", "_paused", "received", "_on_first_read"
+    )
 
-    def __init__(self, transport: asyncio.BaseTransport | None) -> None:
+    def __init__(
+        self, transport: asyncio.BaseTransport | None, on_first_read: Callable[[], None] | None = None
+    ) -> None:
+        # Called once when the consumer first asks for bytes: a client that
+        # sent `Expect: 100-continue` is told to go ahead only then.
+        self._on_first_read = on_first_read
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._eof = False
@@ -74,6 +82,9 @@ class BodyBuffer:
 
     async def read(self, timeout: float | None = None) -> bytes:
         """All buffered bytes joined, waiting for some first; b"" at the end."""
+        if self._on_first_read is not None:
+            self._on_first_read()
+            self._on_first_read = None
         while not self._chunks:
             if self._exc is not None:
                 raise self._exc

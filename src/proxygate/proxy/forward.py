@@ -147,7 +147,6 @@ class Forwarder:
         body = req.body
         assert body is not None
         chunked = req.chunked or req.content_length is None
-        conn.send_continue()
         write_timeout = conn.settings.write_timeout
         while not response.done():
             data = await body.read(self.read_timeout)
