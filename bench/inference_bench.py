@@ -39,15 +39,33 @@ def start(argv: list[str], port: int, log: Path) -> subprocess.Popen:
 
 
 def worker(port: int, log: Path, *flags: str) -> subprocess.Popen:
-    return start([sys.executable, "-m", "proxygate", "worker", "--host", "127.0.0.1", "--port", str(port), *flags],
-                 port, log)
+    return start(
+        [sys.executable, "-m", "proxygate", "worker", "--host", "127.0.0.1", "--port", str(port), *flags], port, log
+    )
 
 
 def gateway(port: int, workers: list[int], log: Path) -> subprocess.Popen:
     addrs = ",".join(f"127.0.0.1:{p}" for p in workers)
-    proc = start([sys.executable, "-m", "proxygate", "gateway", "--listen", f"127.0.0.1:{port}",
-                  "-worker-addrs", addrs, "-limiter", "none", "--blocklist", "/nonexistent",
-                  "--max-queue", "10000"], port, log)
+    proc = start(
+        [
+            sys.executable,
+            "-m",
+            "proxygate",
+            "gateway",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "-worker-addrs",
+            addrs,
+            "-limiter",
+            "none",
+            "--blocklist",
+            "/nonexistent",
+            "--max-queue",
+            "10000",
+        ],
+        port,
+        log,
+    )
     time.sleep(1.5)  # first health poll
     return proc
 
@@ -65,8 +83,10 @@ async def sse_request(port: int, body: dict) -> tuple[float, list[float], int]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     payload = json.dumps(body).encode()
     start = time.perf_counter()
-    writer.write(b"POST /v1/inference HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(payload), payload))
+    writer.write(
+        b"POST /v1/inference HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(payload), payload)
+    )
     ttft = 0.0
     gaps: list[float] = []
     tokens = 0
@@ -96,8 +116,11 @@ async def grpc_request(stub: pbg.ModelServiceStub, body: dict) -> tuple[float, l
     gaps: list[float] = []
     tokens = 0
     last = start
-    async for msg in stub.Generate(pb.GenerateRequest(request_id="b", model="default-model", prompt=body["prompt"],
-                                                      max_tokens=body["max_tokens"], temperature=0.0)):
+    async for msg in stub.Generate(
+        pb.GenerateRequest(
+            request_id="b", model="default-model", prompt=body["prompt"], max_tokens=body["max_tokens"], temperature=0.0
+        )
+    ):
         if msg.token:
             now = time.perf_counter()
             if not tokens:
@@ -153,16 +176,30 @@ async def throughput(gw_port: int, streams: int, seconds: float, tokens_per_stre
 async def hf_rate(worker_port: int, streams: int, max_tokens: int) -> float:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{worker_port}")
     stub = pbg.ModelServiceStub(channel)
-    prompts = ["Write a long story about a lighthouse keeper.", "Explain how rain forms, in detail.",
-               "Describe a walk through a busy market.", "Write a letter to a friend about a trip.",
-               "List many animals and describe each.", "Tell the history of bread.",
-               "Describe the planets of the solar system.", "Write a poem about autumn leaves."]
+    prompts = [
+        "Write a long story about a lighthouse keeper.",
+        "Explain how rain forms, in detail.",
+        "Describe a walk through a busy market.",
+        "Write a letter to a friend about a trip.",
+        "List many animals and describe each.",
+        "Tell the history of bread.",
+        "Describe the planets of the solar system.",
+        "Write a poem about autumn leaves.",
+    ]
 
     async def one(i: int) -> int:
         n = 0
-        async for msg in stub.Generate(pb.GenerateRequest(request_id=str(i), model="m", prompt=prompts[i % 8],
-                                                          max_tokens=max_tokens, temperature=0.8, seed=i,
-                                                          has_seed=True)):
+        async for msg in stub.Generate(
+            pb.GenerateRequest(
+                request_id=str(i),
+                model="m",
+                prompt=prompts[i % 8],
+                max_tokens=max_tokens,
+                temperature=0.8,
+                seed=i,
+                has_seed=True,
+            )
+        ):
             n += 1 if msg.token else 0
         return n
 
@@ -190,11 +227,17 @@ def main() -> int:
         procs.append(worker(w_port, logs / "bench-worker-a.log", "--latency", "0.002", "--max-concurrency", "8"))
         procs.append(gateway(g_port, [w_port], logs / "bench-gw-a.log"))
         lat = asyncio.run(latency_compare(g_port, w_port, args.samples))
-        lines += ["### (a) latency, echo worker at 2 ms/token, one request at a time", "",
-                  "| path | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | per-token p99 ms |", "|---|---|---|---|---|"]
+        lines += [
+            "### (a) latency, echo worker at 2 ms/token, one request at a time",
+            "",
+            "| path | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | per-token p99 ms |",
+            "|---|---|---|---|---|",
+        ]
         for name, row in lat.items():
-            lines.append(f"| {name} | {row['ttft_p50_ms']:.2f} | {row['ttft_p99_ms']:.2f} | "
-                         f"{row['token_p50_ms']:.2f} | {row['token_p99_ms']:.2f} |")
+            lines.append(
+                f"| {name} | {row['ttft_p50_ms']:.2f} | {row['ttft_p99_ms']:.2f} | "
+                f"{row['token_p50_ms']:.2f} | {row['token_p99_ms']:.2f} |"
+            )
         added = lat["via gateway"]["ttft_p50_ms"] - lat["direct gRPC"]["ttft_p50_ms"]
         lines += ["", f"Gateway adds {added:.2f} ms to TTFT p50 (bar: ≤ 1 ms).", ""]
         for p in procs:
@@ -208,9 +251,13 @@ def main() -> int:
         procs.append(worker(w2, logs / "bench-worker-b2.log", "--max-concurrency", "64"))
         procs.append(gateway(g_port, [w1, w2], logs / "bench-gw-b.log"))
         rates = [asyncio.run(throughput(g_port, 64, args.seconds, 100)) for _ in range(args.runs)]
-        lines += ["### (b) tokens/s through one gateway, 64 concurrent streams, zero-latency echo workers", "",
-                  f"median {statistics.median(rates):.0f} tokens/s over {args.runs} runs of {args.seconds:g} s "
-                  f"(runs: {', '.join(f'{r:.0f}' for r in rates)}); bar ≥ 20,000.", ""]
+        lines += [
+            "### (b) tokens/s through one gateway, 64 concurrent streams, zero-latency echo workers",
+            "",
+            f"median {statistics.median(rates):.0f} tokens/s over {args.runs} runs of {args.seconds:g} s "
+            f"(runs: {', '.join(f'{r:.0f}' for r in rates)}); bar ≥ 20,000.",
+            "",
+        ]
         for p in procs:
             p.terminate()
             p.wait(10)
@@ -219,8 +266,11 @@ def main() -> int:
         if not args.skip_hf:
             # (c) the real model, one stream vs 8 concurrent streams.
             w_port = free_port()
-            procs.append(worker(w_port, logs / "bench-worker-hf.log", "--engine", "hf", "--max-concurrency", "8",
-                                "--threads", "2"))
+            procs.append(
+                worker(
+                    w_port, logs / "bench-worker-hf.log", "--engine", "hf", "--max-concurrency", "8", "--threads", "2"
+                )
+            )
             channel = grpc.insecure_channel(f"127.0.0.1:{w_port}")
             stub = pbg.ModelServiceStub(channel)
             deadline = time.monotonic() + 180
@@ -231,11 +281,17 @@ def main() -> int:
             one = [asyncio.run(hf_rate(w_port, 1, 64)) for _ in range(args.runs)]
             eight = [asyncio.run(hf_rate(w_port, 8, 64)) for _ in range(args.runs)]
             ratio = statistics.median(eight) / statistics.median(one)
-            lines += ["### (c) hf worker (SmolLM2-135M-Instruct, bf16, CPU, 2 threads), 64 tokens per stream", "",
-                      "| streams | tokens/s (median) | runs |", "|---|---|---|",
-                      f"| 1 | {statistics.median(one):.1f} | {', '.join(f'{r:.1f}' for r in one)} |",
-                      f"| 8 | {statistics.median(eight):.1f} | {', '.join(f'{r:.1f}' for r in eight)} |", "",
-                      f"8 streams / 1 stream = {ratio:.2f}× (bar ≥ 2.5×).", ""]
+            lines += [
+                "### (c) hf worker (SmolLM2-135M-Instruct, bf16, CPU, 2 threads), 64 tokens per stream",
+                "",
+                "| streams | tokens/s (median) | runs |",
+                "|---|---|---|",
+                f"| 1 | {statistics.median(one):.1f} | {', '.join(f'{r:.1f}' for r in one)} |",
+                f"| 8 | {statistics.median(eight):.1f} | {', '.join(f'{r:.1f}' for r in eight)} |",
+                "",
+                f"8 streams / 1 stream = {ratio:.2f}× (bar ≥ 2.5×).",
+                "",
+            ]
     finally:
         for p in procs:
             p.terminate()

@@ -159,10 +159,25 @@ def make_proxies(work: Path, only: set[str] | None) -> list[Proxy]:
         proxies.append(
             Proxy(
                 "proxygate",
-                [sys.executable, "-m", "proxygate", "gateway", "--listen", f"127.0.0.1:{port}",
-                 "--connect-ports", "*", "--deny-destinations", "", "--blocklist", str(work / "none.json"),
-                 # the memory limiter checks every request, with a budget the load never exhausts
-                 "-rate-limit", "1000000000", "-rate-burst", "1000000000"],
+                [
+                    sys.executable,
+                    "-m",
+                    "proxygate",
+                    "gateway",
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--connect-ports",
+                    "*",
+                    "--deny-destinations",
+                    "",
+                    "--blocklist",
+                    str(work / "none.json"),
+                    # the memory limiter checks every request, with a budget the load never exhausts
+                    "-rate-limit",
+                    "1000000000",
+                    "-rate-burst",
+                    "1000000000",
+                ],
                 port,
             )
         )
@@ -192,8 +207,11 @@ def make_proxies(work: Path, only: set[str] | None) -> list[Proxy]:
     if want("proxy.py") and (BENCH_VENV / "proxy").exists():
         port = free_port()
         proxies.append(
-            Proxy("proxy.py", [str(BENCH_VENV / "proxy"), "--hostname", "127.0.0.1", "--port", str(port),
-                               "--log-level", "WARNING"], port)
+            Proxy(
+                "proxy.py",
+                [str(BENCH_VENV / "proxy"), "--hostname", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"],
+                port,
+            )
         )
     return proxies
 
@@ -369,7 +387,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0)
-    parser.add_argument("--only", default="", help="comma list of targets (direct,proxygate,tinyproxy,squid,pproxy,proxy.py)")
+    parser.add_argument(
+        "--only", default="", help="comma list of targets (direct,proxygate,tinyproxy,squid,pproxy,proxy.py)"
+    )
     parser.add_argument("--json", default="", help="also write raw results here")
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
@@ -384,7 +404,7 @@ def main() -> int:
         try:
             if only is None or "direct" in only:
                 results.append(bench_target("direct", None, origin_port, args, work))
-                print(f"direct done", file=sys.stderr)
+                print("direct done", file=sys.stderr)
             for proxy in make_proxies(work, only):
                 proxy.start(work)
                 try:

@@ -33,8 +33,19 @@ HUGE = "1000000000"
 def start_redis(work: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(work)],
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(work),
+        ],
         stdout=subprocess.DEVNULL,
     )
     wait_port(port)
@@ -43,8 +54,23 @@ def start_redis(work: Path) -> tuple[subprocess.Popen, int]:
 
 def gateway(port: int, work: Path, *flags: str) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxygate", "gateway", "--listen", f"127.0.0.1:{port}", "--deny-destinations", "",
-         "--blocklist", str(work / "none.json"), "-rate-limit", HUGE, "-rate-burst", HUGE, *flags],
+        [
+            sys.executable,
+            "-m",
+            "proxygate",
+            "gateway",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--deny-destinations",
+            "",
+            "--blocklist",
+            str(work / "none.json"),
+            "-rate-limit",
+            HUGE,
+            "-rate-burst",
+            HUGE,
+            *flags,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -118,8 +144,15 @@ def main() -> int:
             redis.wait(10)
             nginx.wait(10)
     out = "\n".join(
-        ["| limiter | req/s (c=64) | p99 ms | vs limits off |", "|---|---|---|---|", *rows, "",
-         "| limiter check | cost |", "|---|---|", *cost_rows]
+        [
+            "| limiter | req/s (c=64) | p99 ms | vs limits off |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            "| limiter check | cost |",
+            "|---|---|",
+            *cost_rows,
+        ]
     )
     print(out)
     (Path(__file__).resolve().parent / "out").mkdir(exist_ok=True)

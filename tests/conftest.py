@@ -3,8 +3,8 @@ from __future__ import annotations
 import json
 import shutil
 import ssl
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import hypothesis  # noqa: F401  imported up front: a late import (pytest rewriting it at session end) trips CPython 3.11.7's AST recursion check
 import pytest
@@ -82,7 +82,9 @@ def start_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
     """Start gateways with the given flags (open loopback policy unless `policy=False`)."""
     started: list[GatewayProcess] = []
 
-    def start(*args: str, policy: bool = True, blocklist: Path | None = None, env: dict[str, str] | None = None) -> GatewayProcess:
+    def start(
+        *args: str, policy: bool = True, blocklist: Path | None = None, env: dict[str, str] | None = None
+    ) -> GatewayProcess:
         flags = list(OPEN_POLICY if policy else ())
         if blocklist is None:
             blocklist = tmp_path / "blocklist.json"

@@ -6,7 +6,8 @@ A table of exact paths to handlers; everything else is 404. Later planes
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from .errors import MethodNotAllowed, NotFound
 from .http.message import Request

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 USAGE = """usage: proxygate COMMAND [flags]
 
@@ -35,8 +35,8 @@ def gateway_main(argv: Sequence[str]) -> int:
 def worker_main(argv: Sequence[str]) -> int:
     from .config import worker_settings_from_args
     from .observability.logging import setup_logging
-    from .worker.server import serve_worker
     from .worker.engines import build_engine
+    from .worker.server import serve_worker
 
     settings = worker_settings_from_args(argv)
     setup_logging(settings.log_format, settings.debug)

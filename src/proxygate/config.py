@@ -12,8 +12,9 @@ import argparse
 import ipaddress
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping, NoReturn, Sequence
+from typing import Any, NoReturn
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -22,7 +23,7 @@ _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m":
 
 
 def parse_duration(text: str) -> float:
-    """Parse a Go duration (`500ms`, `30s`, `1h30m`) into seconds.
+    """Parse a Go duration (`500ms`, `30s`, `1h30m`) into seconds (never negative).
 
     A bare number is taken as seconds, which is what an operator typing
     `-read-timeout 30` means; Go itself would reject it.
@@ -30,8 +31,6 @@ def parse_duration(text: str) -> float:
     text = text.strip()
     if re.fullmatch(r"\d+(\.\d+)?", text):
         return float(text)
-    if text == "0":
-        return 0.0
     pos, total = 0, 0.0
     for match in _DURATION_PART.finditer(text):
         if match.start() != pos:
@@ -52,37 +51,28 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"invalid boolean {text!r}")
 
 
-def parse_positive_int(text: str) -> int:
+def _parse_int(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise ValueError(f"invalid integer {text!r}") from None
-    if value <= 0:
-        raise ValueError(f"must be positive, got {value}")
+    if value < minimum:
+        raise ValueError(f"must be at least {minimum}, got {value}")
     return value
 
 
-def parse_non_negative_duration(text: str) -> float:
-    value = parse_duration(text)
-    if value < 0:
-        raise ValueError("must not be negative")
-    return value
+def parse_positive_int(text: str) -> int:
+    return _parse_int(text, 1)
+
+
+def parse_non_negative_int(text: str) -> int:
+    return _parse_int(text, 0)
 
 
 def parse_ipv6_prefix(text: str) -> int:
     value = parse_positive_int(text)
     if value > 128:
         raise ValueError(f"prefix length must be 1..128, got {value}")
-    return value
-
-
-def parse_non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"invalid integer {text!r}") from None
-    if value < 0:
-        raise ValueError(f"must not be negative, got {value}")
     return value
 
 
@@ -192,22 +182,26 @@ GATEWAY_FLAGS: tuple[Flag, ...] = (
     Flag("log-format", "json", parse_choice("json", "text"), "log format: json or text"),
     Flag("limiter", "memory", parse_choice("memory", "redis", "none"), "rate limiter: memory, redis or none"),
     Flag("redis-addr", "localhost:6379", parse_host_port, "Redis address for -limiter redis"),
-    Flag("redis-timeout", "250ms", parse_non_negative_duration, "deadline of one Redis rate-limit check"),
+    Flag("redis-timeout", "250ms", parse_duration, "deadline of one Redis rate-limit check"),
     Flag("rate-limit", "100", parse_positive_int, "requests per minute per client"),
     Flag("rate-burst", "20", parse_positive_int, "burst size per client"),
-    Flag("rate-limit-on-error", "open", parse_choice("open", "closed"),
-         "when the Redis limiter fails: open (admit) or closed (503)"),
+    Flag(
+        "rate-limit-on-error",
+        "open",
+        parse_choice("open", "closed"),
+        "when the Redis limiter fails: open (admit) or closed (503)",
+    ),
     Flag("rate-limit-health", "false", parse_bool, "also rate-limit /metrics, /healthz, /readyz", boolean=True),
     Flag("rate-limit-max-clients", "100000", parse_positive_int, "clients tracked by the memory limiter"),
     Flag("rate-limit-ipv6-prefix", "128", parse_ipv6_prefix, "key IPv6 clients by this prefix length (64: per /64)"),
     Flag("worker-addrs", "", parse_addr_list, "comma-separated inference worker addresses"),
-    Flag("read-timeout", "30s", parse_non_negative_duration, "time to read a request's headers; a stalled body read"),
-    Flag("write-timeout", "60s", parse_non_negative_duration, "time a single write may stall (not a whole response)"),
-    Flag("idle-timeout", "120s", parse_non_negative_duration, "idle keep-alive connection and idle tunnel timeout"),
-    Flag("dial-timeout", "10s", parse_non_negative_duration, "upstream connect timeout"),
-    Flag("inference-timeout", "5m", parse_non_negative_duration, "max inference request duration"),
-    Flag("shutdown-timeout", "30s", parse_non_negative_duration, "graceful shutdown timeout"),
-    Flag("blocklist", "configs/blocklist.json", str, "blocklist file (JSON: {\"blocked_domains\": [...]})"),
+    Flag("read-timeout", "30s", parse_duration, "time to read a request's headers; a stalled body read"),
+    Flag("write-timeout", "60s", parse_duration, "time a single write may stall (not a whole response)"),
+    Flag("idle-timeout", "120s", parse_duration, "idle keep-alive connection and idle tunnel timeout"),
+    Flag("dial-timeout", "10s", parse_duration, "upstream connect timeout"),
+    Flag("inference-timeout", "5m", parse_duration, "max inference request duration"),
+    Flag("shutdown-timeout", "30s", parse_duration, "graceful shutdown timeout"),
+    Flag("blocklist", "configs/blocklist.json", str, 'blocklist file (JSON: {"blocked_domains": [...]})'),
     Flag("connect-ports", "443", parse_ports, "ports CONNECT may reach: comma list/ranges, or * for any"),
     Flag(
         "deny-destinations",
@@ -218,11 +212,11 @@ GATEWAY_FLAGS: tuple[Flag, ...] = (
     Flag("trusted-proxies", "", parse_networks, "CIDRs whose X-Forwarded-For / X-Real-IP is believed"),
     Flag("max-header-size", "64KiB", parse_size, "largest request line + headers (431 beyond)"),
     Flag("max-queue", "1000", parse_positive_int, "inference requests waiting for a worker (503 beyond)"),
-    Flag("queue-timeout", "30s", parse_non_negative_duration, "longest an inference request waits in the queue"),
+    Flag("queue-timeout", "30s", parse_duration, "longest an inference request waits in the queue"),
     Flag("max-tokens-limit", "4096", parse_positive_int, "largest max_tokens a request may ask for"),
     Flag("max-prompt-bytes", "64KiB", parse_size, "largest prompt, in UTF-8 bytes"),
-    Flag("health-interval", "1s", parse_non_negative_duration, "how often each worker's Health is polled"),
-    Flag("health-timeout", "1s", parse_non_negative_duration, "deadline of one Health poll"),
+    Flag("health-interval", "1s", parse_duration, "how often each worker's Health is polled"),
+    Flag("health-timeout", "1s", parse_duration, "deadline of one Health poll"),
     Flag("worker-eject-after", "3", parse_positive_int, "failed polls in a row before a worker is ejected"),
     Flag("upstream-idle-per-host", "32", parse_positive_int, "idle upstream keep-alive connections kept per host"),
 )
@@ -254,9 +248,7 @@ class GatewaySettings:
     shutdown_timeout: float = 30.0
     blocklist: str = "configs/blocklist.json"
     connect_ports: frozenset[int] | None = frozenset({443})
-    deny_destinations: tuple[IPNetwork, ...] = parse_networks(
-        "127.0.0.0/8,::1/128,0.0.0.0/8,169.254.0.0/16,fe80::/10"
-    )
+    deny_destinations: tuple[IPNetwork, ...] = parse_networks("127.0.0.0/8,::1/128,0.0.0.0/8,169.254.0.0/16,fe80::/10")
     trusted_proxies: tuple[IPNetwork, ...] = ()
     max_header_size: int = 64 * 1024
     max_queue: int = 1000
@@ -341,7 +333,7 @@ WORKER_FLAGS: tuple[Flag, ...] = (
     Flag("device", "cpu", parse_choice("cpu", "cuda"), "hf: torch device"),
     Flag("dtype", "bfloat16", parse_choice("float32", "bfloat16"), "hf: weight dtype"),
     Flag("threads", "0", parse_non_negative_int, "hf: torch threads (0: torch's default)"),
-    Flag("latency", "0", parse_non_negative_duration, "echo: seconds per token (e.g. 0.05 or 50ms)"),
+    Flag("latency", "0", parse_duration, "echo: seconds per token (e.g. 0.05 or 50ms)"),
     Flag("max-concurrency", "4", parse_positive_int, "sequences run at once"),
     Flag("debug", "false", parse_bool, "debug logging", boolean=True),
     Flag("log-format", "json", parse_choice("json", "text"), "log format: json or text"),

@@ -16,11 +16,11 @@ from .config import GatewaySettings
 from .errors import BadRequest, DestinationDenied, HttpError
 from .http.connection import ClientConnection
 from .http.message import Request
-from .observability.logging import AccessLog
-from .observability.metrics import GatewayMetrics
 from .inference.api import SeedInferenceApi
 from .inference.metrics import InferenceMetrics
 from .inference.service import InferenceLimits, InferenceService
+from .observability.logging import AccessLog
+from .observability.metrics import GatewayMetrics
 from .policy.blocklist import BlocklistFile
 from .policy.destinations import DestinationPolicy
 from .policy.identity import ClientIdentity
@@ -220,8 +220,9 @@ class Gateway:
             conn.send(200, [(b"Content-Type", b"application/json")], b'{"status":"ready"}\n')
         else:
             state = b"shutting down" if self.shutting_down else b"starting"
-            conn.send(503, [(b"Content-Type", b"application/json"), (b"Retry-After", b"5")],
-                      b'{"status":"%s"}\n' % state)
+            conn.send(
+                503, [(b"Content-Type", b"application/json"), (b"Retry-After", b"5")], b'{"status":"%s"}\n' % state
+            )
 
     # ---- shutdown --------------------------------------------------------------
 
@@ -264,6 +265,6 @@ def _log_host_path(req: Request) -> tuple[str, str]:
     scheme_end = target.find(b"://")
     rest = target[scheme_end + 3 :] if scheme_end != -1 else target
     slash = rest.find(b"/")
-    host = rest if slash == -1 else rest[:slash]
+    authority = rest if slash == -1 else rest[:slash]
     path = b"/" if slash == -1 else origin_path(rest[slash:])
-    return host.decode("latin-1")[:256], path.decode("latin-1")[:512]
+    return authority.decode("latin-1")[:256], path.decode("latin-1")[:512]

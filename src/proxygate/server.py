@@ -96,8 +96,9 @@ async def serve(settings: GatewaySettings, gateway: Gateway | None = None) -> in
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: draining %d connections (up to %gs)", len(gateway.connections),
-                 settings.shutdown_timeout)
+        log.info(
+            "shutting down: draining %d connections (up to %gs)", len(gateway.connections), settings.shutdown_timeout
+        )
         server.close()
         aborted = await gateway.drain_connections(settings.shutdown_timeout)
         if aborted:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import pytest
@@ -45,8 +45,9 @@ def _wait_ready(worker: WorkerProcess, timeout: float = 180) -> None:
 @pytest.fixture(scope="module")
 def hf_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     _require_hf()
-    w = WorkerProcess(["--engine", "hf", "--max-concurrency", "4", "--threads", "2"],
-                      tmp_path_factory.mktemp("hf") / "worker.log")
+    w = WorkerProcess(
+        ["--engine", "hf", "--max-concurrency", "4", "--threads", "2"], tmp_path_factory.mktemp("hf") / "worker.log"
+    )
     _wait_ready(w)
     yield w
     w.stop()
@@ -54,8 +55,10 @@ def hf_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProces
 
 @pytest.fixture(scope="module")
 def echo_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    w = WorkerProcess(["--engine", "echo", "--latency", "0.02", "--max-concurrency", "4"],
-                      tmp_path_factory.mktemp("echo") / "worker.log")
+    w = WorkerProcess(
+        ["--engine", "echo", "--latency", "0.02", "--max-concurrency", "4"],
+        tmp_path_factory.mktemp("echo") / "worker.log",
+    )
     yield w
     w.stop()
 
@@ -70,11 +73,19 @@ def stub_for(worker: WorkerProcess) -> tuple[grpc.Channel, pbg.ModelServiceStub]
     return channel, pbg.ModelServiceStub(channel)
 
 
-def generate(worker: WorkerProcess, prompt: str, max_tokens: int = 30, temperature: float = 0.0) -> list[pb.TokenResponse]:
+def generate(
+    worker: WorkerProcess, prompt: str, max_tokens: int = 30, temperature: float = 0.0
+) -> list[pb.TokenResponse]:
     channel, stub = stub_for(worker)
     with channel:
-        return list(stub.Generate(pb.GenerateRequest(request_id="t", model="m", prompt=prompt,
-                                                     max_tokens=max_tokens, temperature=temperature), timeout=120))
+        return list(
+            stub.Generate(
+                pb.GenerateRequest(
+                    request_id="t", model="m", prompt=prompt, max_tokens=max_tokens, temperature=temperature
+                ),
+                timeout=120,
+            )
+        )
 
 
 # ---- the shared suite -------------------------------------------------------------
@@ -101,11 +112,16 @@ def test_cancel_stops_generation(any_worker: WorkerProcess) -> None:
     before = any_worker.health().generations_cancelled
     channel, stub = stub_for(any_worker)
     with channel:
-        call = stub.Generate(pb.GenerateRequest(request_id="c", model="m", max_tokens=500, temperature=0.8,
-                                                prompt="Write a very long story about " + "a dragon " * 40))
-        got = 0
-        for msg in call:
-            got += 1
+        call = stub.Generate(
+            pb.GenerateRequest(
+                request_id="c",
+                model="m",
+                max_tokens=500,
+                temperature=0.8,
+                prompt="Write a very long story about " + "a dragon " * 40,
+            )
+        )
+        for got, _msg in enumerate(call, 1):
             if got == 3:
                 call.cancel()
                 break
@@ -125,9 +141,11 @@ def test_greedy_capital_of_france_through_gateway(hf_worker: WorkerProcess, star
     gw = start_gateway("-worker-addrs", hf_worker.addr)
     deadline = time.monotonic() + 10
     while True:
-        r = requests.post(f"{gw.proxy}/v1/inference",
-                          json={"prompt": "What is the capital of France?", "temperature": 0, "max_tokens": 20},
-                          timeout=120)
+        r = requests.post(
+            f"{gw.proxy}/v1/inference",
+            json={"prompt": "What is the capital of France?", "temperature": 0, "max_tokens": 20},
+            timeout=120,
+        )
         if r.status_code != 503 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -164,9 +182,19 @@ def test_concurrent_greedy_matches_alone(hf_worker: WorkerProcess) -> None:
 def test_stop_sequences_and_utf8(hf_worker: WorkerProcess) -> None:
     channel, stub = stub_for(hf_worker)
     with channel:
-        msgs = list(stub.Generate(pb.GenerateRequest(request_id="s", model="m", max_tokens=40, temperature=0,
-                                                     prompt="What is the capital of France?", stop=["Paris"]),
-                                  timeout=120))
+        msgs = list(
+            stub.Generate(
+                pb.GenerateRequest(
+                    request_id="s",
+                    model="m",
+                    max_tokens=40,
+                    temperature=0,
+                    prompt="What is the capital of France?",
+                    stop=["Paris"],
+                ),
+                timeout=120,
+            )
+        )
     text = "".join(m.token for m in msgs)
     assert "Paris" not in text and msgs[-1].finish_reason == "stop"
     msgs = generate(hf_worker, "Écris une phrase en français avec des accents, s'il te plaît.", max_tokens=40)

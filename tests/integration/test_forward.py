@@ -73,7 +73,9 @@ def test_hop_by_hop_stripped_both_ways(gateway: GatewayProcess, origin: Origin) 
 
 
 def test_insane_request_id_replaced(gateway: GatewayProcess, origin: Origin) -> None:
-    r = requests.get(f"{origin.url}/hello", proxies=proxies(gateway), headers={"X-Request-ID": "a b<script>"}, timeout=10)
+    r = requests.get(
+        f"{origin.url}/hello", proxies=proxies(gateway), headers={"X-Request-ID": "a b<script>"}, timeout=10
+    )
     rid = r.headers["X-Request-ID"]
     assert rid != "a b<script>" and rid.isalnum()
 

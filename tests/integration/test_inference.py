@@ -7,8 +7,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import requests
@@ -52,9 +52,15 @@ def wait_healthy(gw: GatewayProcess, n: int = 1, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = requests.get(f"{gw.proxy}/metrics", timeout=5).text
-        if text.count("inference_worker_healthy{") >= n and sum(
-            float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("inference_worker_healthy{")
-        ) >= n:
+        if (
+            text.count("inference_worker_healthy{") >= n
+            and sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("inference_worker_healthy{")
+            )
+            >= n
+        ):
             return
         time.sleep(0.05)
     raise AssertionError("workers never became healthy")
@@ -74,7 +80,9 @@ def test_sse_format(start_gateway, start_worker) -> None:
     assert [d["token"] for d in data[:4]] == ["[default-model] ", "hello ", "big ", "world "]
     assert data[4] == {"request_id": "rid-1", "finished": True, "token_count": 4}  # empty token omitted
     # max_tokens bounds the stream; the model name is echoed
-    data = [json.loads(d) for _, d in events(infer(gw, {"prompt": "a b c d e", "max_tokens": 2, "model": "default-model"}))]
+    data = [
+        json.loads(d) for _, d in events(infer(gw, {"prompt": "a b c d e", "max_tokens": 2, "model": "default-model"}))
+    ]
     assert [d.get("token") for d in data] == ["[default-model] ", "a ", None]
 
 
@@ -280,7 +288,9 @@ def test_queue_full_503(start_gateway, start_worker) -> None:
     w = start_worker("--latency", "0.1", "--max-concurrency", "1")
     gw = start_gateway("-worker-addrs", w.addr, "--max-queue", "2")
     wait_healthy(gw)
-    threads = [threading.Thread(target=lambda: events(infer(gw, {"prompt": "a b c d e f"})), daemon=True) for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: events(infer(gw, {"prompt": "a b c d e f"})), daemon=True) for _ in range(3)
+    ]
     for t in threads:
         t.start()
         time.sleep(0.1)

@@ -95,7 +95,9 @@ def test_metrics_names(gateway: GatewayProcess, origin: Origin) -> None:
     assert requests.get(f"{gateway.proxy}/readyz", timeout=5).status_code == 200
 
 
-def test_https_listener(start_gateway, server_cert_files: tuple[str, str], ca_file: str, origin: Origin, tls_origin: Origin) -> None:
+def test_https_listener(
+    start_gateway, server_cert_files: tuple[str, str], ca_file: str, origin: Origin, tls_origin: Origin
+) -> None:
     pem, key = server_cert_files
     gw = start_gateway("-proto", "https", "-pem", pem, "-key", key)
     curl = require_binary("curl", "curl")

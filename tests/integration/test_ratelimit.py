@@ -98,7 +98,9 @@ def limited_gateway(start_gateway, *extra: str) -> GatewayProcess:
 
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 def test_http_burst_then_429_with_headers(kind: str, start_gateway, origin: Origin, request) -> None:
-    extra = ("-limiter", "redis", "-redis-addr", request.getfixturevalue("redis_server").addr) if kind == "redis" else ()
+    extra = (
+        ("-limiter", "redis", "-redis-addr", request.getfixturevalue("redis_server").addr) if kind == "redis" else ()
+    )
     gw = limited_gateway(start_gateway, *extra)
     proxies = {"http": gw.proxy}
     ok = [requests.get(f"{origin.url}/hello", proxies=proxies, timeout=10) for _ in range(3)]
@@ -146,8 +148,12 @@ def test_health_exempt_unless_included(start_gateway) -> None:
 def test_spoofed_forwarded_for_gets_no_fresh_budget(start_gateway, origin: Origin) -> None:
     gw = limited_gateway(start_gateway)
     codes = [
-        requests.get(f"{origin.url}/hello", proxies={"http": gw.proxy}, headers={"X-Forwarded-For": f"203.0.113.{i}",
-                     "X-Real-IP": f"198.51.100.{i}"}, timeout=10).status_code
+        requests.get(
+            f"{origin.url}/hello",
+            proxies={"http": gw.proxy},
+            headers={"X-Forwarded-For": f"203.0.113.{i}", "X-Real-IP": f"198.51.100.{i}"},
+            timeout=10,
+        ).status_code
         for i in range(6)
     ]
     assert codes == [200, 200, 200, 429, 429, 429]
@@ -157,8 +163,12 @@ def test_trusted_proxy_forwarded_for_is_the_client(start_gateway, origin: Origin
     gw = limited_gateway(start_gateway, "--trusted-proxies", "127.0.0.0/8")
     for client in ("203.0.113.1", "203.0.113.2"):
         codes = [
-            requests.get(f"{origin.url}/hello", proxies={"http": gw.proxy},
-                         headers={"X-Forwarded-For": f"{client}, 127.0.0.5"}, timeout=10).status_code
+            requests.get(
+                f"{origin.url}/hello",
+                proxies={"http": gw.proxy},
+                headers={"X-Forwarded-For": f"{client}, 127.0.0.5"},
+                timeout=10,
+            ).status_code
             for _ in range(4)
         ]
         assert codes == [200, 200, 200, 429], client
@@ -208,8 +218,20 @@ def test_unreachable_redis_at_start_exits_1(tmp_path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = subprocess.run(
-        [sys.executable, "-m", "proxygate", "gateway", "--listen", "127.0.0.1:0", "-limiter", "redis",
-         "-redis-addr", f"127.0.0.1:{port}", "--blocklist", str(tmp_path / "none.json")],
+        [
+            sys.executable,
+            "-m",
+            "proxygate",
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "-limiter",
+            "redis",
+            "-redis-addr",
+            f"127.0.0.1:{port}",
+            "--blocklist",
+            str(tmp_path / "none.json"),
+        ],
         capture_output=True,
         text=True,
         timeout=30,

@@ -62,7 +62,9 @@ class OriginHandler(BaseHTTPRequestHandler):
         parts = self.path.split("?")[0].strip("/").split("/")
         name = parts[0]
         if name == "hello":
-            self._send(200, b"hello", extra={"Connection": "keep-alive, X-Hop", "X-Hop": "secret", "Keep-Alive": "timeout=5"})
+            self._send(
+                200, b"hello", extra={"Connection": "keep-alive, X-Hop", "X-Hop": "secret", "Keep-Alive": "timeout=5"}
+            )
         elif name == "bytes":
             n = int(parts[1])
             self.send_response(200)

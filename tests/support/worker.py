@@ -78,7 +78,9 @@ class _SeedServicer(inference_pb2_grpc.ModelServiceServicer):
         words = [f"[{request.model}]"] + request.prompt.split()
         for i, word in enumerate(words[: request.max_tokens], 1):
             yield inference_pb2.TokenResponse(request_id=request.request_id, token=word + " ", token_count=i)
-        yield inference_pb2.TokenResponse(request_id=request.request_id, finished=True, token_count=min(len(words), request.max_tokens))
+        yield inference_pb2.TokenResponse(
+            request_id=request.request_id, finished=True, token_count=min(len(words), request.max_tokens)
+        )
 
     async def Health(self, request, context):  # type: ignore[override]
         return inference_pb2.HealthResponse(healthy=True, current_queue_size=0, gpu_utilization=0.0)

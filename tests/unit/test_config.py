@@ -60,7 +60,9 @@ def test_both_spellings_equals_and_env() -> None:
     ],
 )
 def test_bad_values_exit_2_with_one_line(args: list[str], flag: str) -> None:
-    out = subprocess.run([sys.executable, "-m", "proxygate", "gateway", *args], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "proxygate", "gateway", *args], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0], out.stderr
@@ -78,11 +80,32 @@ def test_bad_env_value_exits_2() -> None:
 
 
 def test_help_lists_every_flag_with_defaults() -> None:
-    out = subprocess.run([sys.executable, "-m", "proxygate", "gateway", "--help"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "proxygate", "gateway", "--help"], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0
-    for flag in ("-proto", "-pem", "-key", "-debug", "-limiter", "-redis-addr", "-rate-limit", "-rate-burst",
-                 "-worker-addrs", "-log-format", "-read-timeout", "-write-timeout", "-idle-timeout",
-                 "-dial-timeout", "-inference-timeout", "-shutdown-timeout", "--listen", "--blocklist",
-                 "--connect-ports", "--deny-destinations", "--trusted-proxies"):
+    for flag in (
+        "-proto",
+        "-pem",
+        "-key",
+        "-debug",
+        "-limiter",
+        "-redis-addr",
+        "-rate-limit",
+        "-rate-burst",
+        "-worker-addrs",
+        "-log-format",
+        "-read-timeout",
+        "-write-timeout",
+        "-idle-timeout",
+        "-dial-timeout",
+        "-inference-timeout",
+        "-shutdown-timeout",
+        "--listen",
+        "--blocklist",
+        "--connect-ports",
+        "--deny-destinations",
+        "--trusted-proxies",
+    ):
         assert flag in out.stdout, flag
     assert "default '30s'" in out.stdout

@@ -28,7 +28,9 @@ def test_connect_ports() -> None:
     policy(connect_ports=None).check_connect_port(22)
 
 
-@pytest.mark.parametrize("ip", ["127.0.0.1", "127.9.9.9", "::1", "0.0.0.0", "169.254.169.254", "fe80::1", "::ffff:127.0.0.1"])
+@pytest.mark.parametrize(
+    "ip", ["127.0.0.1", "127.9.9.9", "::1", "0.0.0.0", "169.254.169.254", "fe80::1", "::ffff:127.0.0.1"]
+)
 def test_default_denials(ip: str) -> None:
     with pytest.raises(DestinationDenied, match="deny-destinations"):
         policy().allowed_addresses("h", 443, addrs(ip))

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from proxygate.errors import BadRequest
 from proxygate.inference.api import parse_generation
 from proxygate.inference.queue import RequestQueue, Ticket
 from proxygate.inference.scheduler import assign
-from proxygate.errors import BadRequest
 
 
 @dataclass
@@ -78,7 +78,7 @@ def test_excluded_worker_skipped_and_retry_keeps_place() -> None:
     q.push(first)
     later = Ticket("", 1, payload="later")
     q.push(later)
-    (t, _), = assign(q, [FakeWorker("a")])
+    ((t, _),) = assign(q, [FakeWorker("a")])
     assert t is first
     first.excluded.add("a")
     q.push(first, keep_seq=True)  # retried: back at the head of the line
@@ -88,9 +88,13 @@ def test_excluded_worker_skipped_and_retry_keeps_place() -> None:
 
 
 def test_temperature_zero_is_kept_and_defaults() -> None:
-    g = parse_generation({"prompt": "x", "temperature": 0}, "r", max_tokens_limit=10, max_prompt_bytes=100, header_priority=None)
+    g = parse_generation(
+        {"prompt": "x", "temperature": 0}, "r", max_tokens_limit=10, max_prompt_bytes=100, header_priority=None
+    )
     assert g.temperature == 0.0 and g.to_proto().temperature == 0.0
     g = parse_generation({"prompt": "x"}, "r", max_tokens_limit=10, max_prompt_bytes=100, header_priority=b"7")
     assert (g.temperature, g.max_tokens, g.priority, g.model) == (pytest.approx(0.7), 10, 7, "default-model")
     with pytest.raises(BadRequest, match="max_tokens"):
-        parse_generation({"prompt": "x", "max_tokens": 11}, "r", max_tokens_limit=10, max_prompt_bytes=100, header_priority=None)
+        parse_generation(
+            {"prompt": "x", "max_tokens": 11}, "r", max_tokens_limit=10, max_prompt_bytes=100, header_priority=None
+        )

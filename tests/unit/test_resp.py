@@ -29,5 +29,11 @@ def test_any_split_gives_the_same_replies(cuts: list[int]) -> None:
         out += parser.feed(WIRE[prev:cut])
         prev = cut
     assert [r if not isinstance(r, RespError) else str(r) for r in out] == [
-        b"OK", 42, b"hello", None, [1, b"2.5"], "NOSCRIPT No matching script", []
+        b"OK",
+        42,
+        b"hello",
+        None,
+        [1, b"2.5"],
+        "NOSCRIPT No matching script",
+        [],
     ]

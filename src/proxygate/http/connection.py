@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
@@ -481,9 +482,7 @@ class ClientConnection(asyncio.Protocol):
         """A whole response with a Content-Length body."""
         req = self.current
         head_only = req is not None and req.method == "HEAD"
-        head = self.start_response(
-            status, headers + [(b"Content-Length", str(len(body)).encode())], close=close
-        )
+        head = self.start_response(status, headers + [(b"Content-Length", str(len(body)).encode())], close=close)
         self.write(head if head_only or not body else head + body)
 
     def send_error(self, error: Exception, *, close: bool = False) -> None:
@@ -544,4 +543,3 @@ class _ExpectationFailed(HttpError):
 def _parser_message(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:120]
-

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import WriteStalled
 
@@ -19,12 +19,16 @@ HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
 
+def _release(waiter: asyncio.Future[None] | None) -> None:
+    """Wake whoever waits on `waiter`, if anyone still does."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 class BodyBuffer:
     """Bytes of one message body in arrival order, read by one consumer."""
 
-    __slots__ = (
-        "_chunks", "_size", "_eof", "_exc", "_waiter", "_transport", "_paused", "received", "_on_first_read"
-    )
+    __slots__ = ("_chunks", "_size", "_eof", "_exc", "_waiter", "_transport", "_paused", "received", "_on_first_read")
 
     def __init__(
         self, transport: asyncio.BaseTransport | None, on_first_read: Callable[[], None] | None = None
@@ -69,9 +73,7 @@ class BodyBuffer:
         self._wake()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        _release(self._waiter)
 
     def _resume(self) -> None:
         if self._paused and self._size <= LOW_WATER:
@@ -144,9 +146,7 @@ class WriteFlow:
         self._release()
 
     def _release(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        _release(self._waiter)
 
     @property
     def closed(self) -> bool:

@@ -121,7 +121,7 @@ class SeedInferenceApi:
             header_priority=req.header(b"x-priority"),
         )
         sse = SseWriter(conn, req)
-        stream = self.service.stream(gen)
+        stream = self.service.stream(gen)  # an async generator: closed below whatever happens
         try:
             async for resp in stream:
                 event: dict[str, Any] = {"request_id": gen.request_id}

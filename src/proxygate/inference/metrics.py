@@ -7,7 +7,9 @@ Label values are bounded: `model` is a model some worker reported, the seed's
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from functools import partial
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -26,32 +28,48 @@ class InferenceMetrics:
             "inference_requests_total", "Inference requests by outcome", ["model", "priority", "status"], registry=r
         )
         self.duration = Histogram(
-            "inference_request_duration_seconds", "Submission to last token", ["model"],
-            buckets=DURATION_BUCKETS, registry=r,
+            "inference_request_duration_seconds",
+            "Submission to last token",
+            ["model"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "inference_time_to_first_token_seconds", "Submission to first token", ["model"],
-            buckets=TTFT_BUCKETS, registry=r,
+            "inference_time_to_first_token_seconds",
+            "Submission to first token",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
         )
         self.tokens = Counter("inference_tokens_total", "Tokens streamed to clients", ["model"], registry=r)
         self.processing = Histogram(
-            "inference_processing_seconds", "Dispatch to end of the worker call", ["model", "worker_id"],
-            buckets=DURATION_BUCKETS, registry=r,
+            "inference_processing_seconds",
+            "Dispatch to end of the worker call",
+            ["model", "worker_id"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
-            "inference_queue_wait_seconds", "Submission to dispatch", ["model", "priority"],
-            buckets=QUEUE_WAIT_BUCKETS, registry=r,
+            "inference_queue_wait_seconds",
+            "Submission to dispatch",
+            ["model", "priority"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=r,
         )
         self.worker_requests = Counter(
             "inference_worker_requests_total", "Worker calls by outcome", ["worker_id", "status"], registry=r
         )
         self.queue_depth = Gauge("inference_queue_depth", "Requests waiting for a worker", registry=r)
         self.in_flight = Gauge("inference_in_flight", "Inference requests admitted and not finished", registry=r)
-        self.worker_healthy = Gauge("inference_worker_healthy", "1 when the worker takes work", ["worker_id"], registry=r)
+        self.worker_healthy = Gauge(
+            "inference_worker_healthy", "1 when the worker takes work", ["worker_id"], registry=r
+        )
         self.worker_capacity = Gauge(
             "inference_worker_capacity", "Sequences the worker runs at once", ["worker_id"], registry=r
         )
-        self.worker_active = Gauge("inference_worker_active", "Sequences running on the worker", ["worker_id"], registry=r)
+        self.worker_active = Gauge(
+            "inference_worker_active", "Sequences running on the worker", ["worker_id"], registry=r
+        )
         self._known_models: set[str] = set()
         self._workers: Sequence[WorkerClient] = ()
 
@@ -59,9 +77,9 @@ class InferenceMetrics:
         """Worker gauges are read from the workers at scrape time."""
         self._workers = workers
         for w in workers:
-            self.worker_healthy.labels(w.id).set_function(lambda w=w: 1.0 if w.available else 0.0)
-            self.worker_capacity.labels(w.id).set_function(lambda w=w: float(w.capacity))
-            self.worker_active.labels(w.id).set_function(lambda w=w: float(w.active))
+            self.worker_healthy.labels(w.id).set_function(partial(_healthy, w))
+            self.worker_capacity.labels(w.id).set_function(partial(_capacity, w))
+            self.worker_active.labels(w.id).set_function(partial(_active, w))
 
     def model_label(self, model: str) -> str:
         if model in ("", "default-model"):
@@ -70,3 +88,15 @@ class InferenceMetrics:
             if w.models is not None and model in w.models:
                 return model
         return "other"
+
+
+def _healthy(w: WorkerClient) -> float:
+    return 1.0 if w.available else 0.0
+
+
+def _capacity(w: WorkerClient) -> float:
+    return float(w.capacity)
+
+
+def _active(w: WorkerClient) -> float:
+    return float(w.active)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 ANY_MODEL = ""  # requests that any worker may serve ("default-model" or none)
 

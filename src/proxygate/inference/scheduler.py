@@ -8,7 +8,8 @@ is each worker's reported `max_concurrency`, never one request per worker.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from .queue import RequestQueue, Ticket
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import grpc
 
@@ -124,7 +124,9 @@ class InferenceService:
         if not self.accepting:
             raise ServiceUnavailable("shutting down", headers=[(b"Retry-After", b"5")])
         if not self.pool.workers:
-            raise ServiceUnavailable("no inference workers configured (-worker-addrs)", headers=[(b"Retry-After", b"30")])
+            raise ServiceUnavailable(
+                "no inference workers configured (-worker-addrs)", headers=[(b"Retry-After", b"30")]
+            )
         if not any(w.available for w in self.pool.workers):
             raise ServiceUnavailable("no healthy inference workers", headers=[(b"Retry-After", b"5")])
         key = queue_key(req.model)
@@ -156,7 +158,7 @@ class InferenceService:
 
     # ---- one generation -------------------------------------------------------
 
-    async def stream(self, req: GenerationRequest) -> AsyncIterator[inference_pb2.TokenResponse]:
+    async def stream(self, req: GenerationRequest) -> AsyncGenerator[inference_pb2.TokenResponse, None]:
         self.admit(req)
         loop = asyncio.get_running_loop()
         m = self.metrics
@@ -216,8 +218,12 @@ class InferenceService:
                         raise ServiceUnavailable(
                             f"inference workers failed: {code.name}", headers=[(b"Retry-After", b"2")]
                         ) from None
-                    log.info("request %s: worker %s failed before the first token (%s); retrying",
-                             req.request_id, worker.id, code.name)
+                    log.info(
+                        "request %s: worker %s failed before the first token (%s); retrying",
+                        req.request_id,
+                        worker.id,
+                        code.name,
+                    )
                     retry = True
                 finally:
                     call.cancel()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 
@@ -117,8 +117,12 @@ class WorkerPool:
             return worker.record_failure(_rpc_reason(exc))
         changed = worker.record_health(resp)
         if changed and worker.available:
-            log.info("worker %s available: capacity %d, models %s", worker.addr, worker.capacity,
-                     ",".join(sorted(worker.models)) if worker.models else "any")
+            log.info(
+                "worker %s available: capacity %d, models %s",
+                worker.addr,
+                worker.capacity,
+                ",".join(sorted(worker.models)) if worker.models else "any",
+            )
         return changed
 
     async def _health_loop(self) -> None:

@@ -51,9 +51,7 @@ class GatewayMetrics:
         self.tunnel_bytes = Counter(
             "proxy_tunnel_bytes_total", "Bytes relayed through tunnels", ["direction"], registry=r
         )
-        self.bytes = Counter(
-            "proxy_response_bytes_total", "Bytes of HTTP responses sent to clients", registry=r
-        )
+        self.bytes = Counter("proxy_response_bytes_total", "Bytes of HTTP responses sent to clients", registry=r)
         self.rate_limited = Counter(
             "rate_limited_requests_total", "Requests refused by the rate limiter", ["endpoint"], registry=r
         )

@@ -11,8 +11,8 @@ import ipaddress
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 log = logging.getLogger("proxygate.blocklist")
 

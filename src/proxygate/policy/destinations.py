@@ -9,11 +9,13 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import GatewaySettings, IPNetwork
 from ..errors import DestinationDenied
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+SockAddr = tuple[Any, ...]  # (host, port) or (host, port, flowinfo, scope_id)
 
 
 def _is_local_address(ip: IPAddress) -> bool:
@@ -76,8 +78,8 @@ class DestinationPolicy:
         return self.is_own_listener(ip, port)
 
     def allowed_addresses(
-        self, host: str, port: int, addresses: list[tuple[IPAddress, tuple]]
-    ) -> list[tuple[IPAddress, tuple]]:
+        self, host: str, port: int, addresses: list[tuple[IPAddress, SockAddr]]
+    ) -> list[tuple[IPAddress, SockAddr]]:
         """The resolved addresses we may dial; raises when none is left."""
         allowed = []
         first_denial: str | None = None
@@ -87,7 +89,9 @@ class DestinationPolicy:
                 continue
             net = self.denied_by(ip)
             if net is not None:
-                first_denial = first_denial or f"destination {host} resolves to {ip}, denied by --deny-destinations {net}"
+                first_denial = (
+                    first_denial or f"destination {host} resolves to {ip}, denied by --deny-destinations {net}"
+                )
                 continue
             allowed.append((ip, sockaddr))
         if not allowed:

@@ -11,10 +11,11 @@ import asyncio
 import ipaddress
 import socket
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from ..errors import BadGateway, GatewayTimeout
-from ..policy.destinations import DestinationPolicy, IPAddress
+from ..policy.destinations import DestinationPolicy, IPAddress, SockAddr
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
@@ -32,15 +33,15 @@ class Dialer:
         self.policy = policy
         self.dial_timeout = dial_timeout
         self._getaddrinfo = getaddrinfo
-        self._dns: dict[str, tuple[float, list[tuple[IPAddress, tuple]]]] = {}
+        self._dns: dict[str, tuple[float, list[tuple[IPAddress, SockAddr]]]] = {}
 
-    async def resolve(self, host: str, port: int) -> list[tuple[IPAddress, tuple]]:
+    async def resolve(self, host: str, port: int) -> list[tuple[IPAddress, SockAddr]]:
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
             pass
         else:
-            sockaddr: tuple = (host, port) if ip.version == 4 else (host, port, 0, 0)
+            sockaddr: SockAddr = (host, port) if ip.version == 4 else (host, port, 0, 0)
             return [(ip, sockaddr)]
         now = time.monotonic()
         cached = self._dns.get(host)
@@ -51,10 +52,10 @@ class Dialer:
             infos = await getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
         except (socket.gaierror, UnicodeError) as exc:
             raise BadGateway(f"cannot resolve {host}: {exc}") from None
-        result: list[tuple[IPAddress, tuple]] = []
+        result: list[tuple[IPAddress, SockAddr]] = []
         seen = set()
         for _family, _type, _proto, _canon, sockaddr in infos:
-            ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+            ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
             if ip not in seen:
                 seen.add(ip)
                 result.append((ip, sockaddr))
@@ -68,7 +69,7 @@ class Dialer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.dial_timeout if self.dial_timeout else None
         addresses = self.policy.allowed_addresses(host, port, await self.resolve(host, port))
-        last_error: Exception | None = None
+        last_error: OSError | None = None
         for ip, sockaddr in addresses:
             family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
             remaining = None if deadline is None else deadline - loop.time()
@@ -84,7 +85,7 @@ class Dialer:
                     sock.close()
                     raise
                 transport, protocol = await loop.create_connection(factory, sock=sock)
-                return transport, protocol  # type: ignore[return-value]
+                return transport, protocol
             except asyncio.TimeoutError:
                 raise GatewayTimeout(f"timed out connecting to {host}:{port} after {self.dial_timeout:g}s") from None
             except OSError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -20,7 +21,7 @@ from .engines.base import Engine, GenerationParams, GenerationResult
 log = logging.getLogger("proxygate.worker")
 
 
-class ModelService(inference_pb2_grpc.ModelServiceServicer):
+class ModelService(inference_pb2_grpc.ModelServiceServicer):  # type: ignore[misc]  # generated, untyped
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.slots = asyncio.Semaphore(engine.max_concurrency)
@@ -30,7 +31,9 @@ class ModelService(inference_pb2_grpc.ModelServiceServicer):
         self.started = 0
         self.cancelled = 0
 
-    async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):  # type: ignore[override]
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.TokenResponse]:
         params = GenerationParams(
             request_id=request.request_id,
             model=request.model,
@@ -80,7 +83,9 @@ class ModelService(inference_pb2_grpc.ModelServiceServicer):
             self.active -= 1
             self.slots.release()
 
-    async def Health(self, request: inference_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> inference_pb2.HealthResponse:  # type: ignore[override]
+    async def Health(
+        self, request: inference_pb2.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.HealthResponse:
         engine = self.engine
         return inference_pb2.HealthResponse(
             healthy=True,

@@ -95,7 +95,7 @@ class PipelinedRedis:
         loop = asyncio.get_running_loop()
         pending = self._connecting[index] = loop.create_future()
         try:
-            _t, conn = await asyncio.wait_for(
+            _t, fresh = await asyncio.wait_for(
                 loop.create_connection(_RespConnection, self.host, self.port), self.timeout
             )
         except (OSError, asyncio.TimeoutError) as exc:
@@ -106,9 +106,9 @@ class PipelinedRedis:
             raise error from None
         finally:
             self._connecting[index] = None
-        self._slots[index] = conn
-        pending.set_result(conn)
-        return conn
+        self._slots[index] = fresh
+        pending.set_result(fresh)
+        return fresh
 
     async def call_encoded(self, command: bytes) -> Reply:
         conn = await self._connection()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from ...config import WorkerSettings
 from .base import GenerationParams, GenerationResult
@@ -24,7 +25,7 @@ class HfEngine:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
-        self.models = (settings.model or DEFAULT_MODEL_NAME,)
+        self.models: tuple[str, ...] = (settings.model or DEFAULT_MODEL_NAME,)
         self.max_concurrency = settings.max_concurrency
         self._loaded = asyncio.Event()
         self._decoder: Any = None
@@ -66,7 +67,11 @@ class HfEngine:
         result.prompt_tokens = len(prompt_ids)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
-        seq = Sequence(params, prompt_ids, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+
+        def emit(item: object) -> None:  # called from the decoder thread
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        seq = Sequence(params, prompt_ids, emit)
         self._decoder.submit(seq)
         try:
             while True:

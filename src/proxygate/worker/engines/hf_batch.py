@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +132,7 @@ class BatchDecoder:
         else:
             assert self._mask is not None
             total = max(self._mask.shape[1], length)
-            for mine, theirs in zip(self._cache.layers, cache.layers):
+            for mine, theirs in zip(_kv_layers(self._cache), _kv_layers(cache), strict=True):
                 mine.keys = torch.cat([_left_pad(mine.keys, total), _left_pad(theirs.keys, total)], dim=0)
                 mine.values = torch.cat([_left_pad(mine.values, total), _left_pad(theirs.values, total)], dim=0)
             self._mask = torch.cat([_left_pad_mask(self._mask, total), _left_pad_mask(mask, total)], dim=0)
@@ -173,7 +174,7 @@ class BatchDecoder:
         # Columns that are padding in every remaining row are dead weight.
         first = int((mask.sum(dim=0) > 0).nonzero()[0])
         self._mask = mask[:, first:]
-        for layer in self._cache.layers:
+        for layer in _kv_layers(self._cache):
             layer.keys = layer.keys[index, :, first:]
             layer.values = layer.values[index, :, first:]
         self._rows = [self._rows[i] for i in keep]
@@ -228,6 +229,12 @@ class BatchDecoder:
         seq.done = True
         seq.emit(Finished(reason))
         return True
+
+
+def _kv_layers(cache: DynamicCache) -> list[Any]:
+    """The cache's per-layer key/value holders (all plain attention layers for the
+    decoder-only models we load; transformers types them as a wider union)."""
+    return list(cache.layers)
 
 
 def _left_pad(t: torch.Tensor, total: int) -> torch.Tensor:

@@ -104,7 +104,7 @@ def load(model_path: str, device: str, dtype_name: str, threads: int) -> tuple[A
     dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    model.to(device)
+    model = model.to(device)  # type: ignore[arg-type]  # transformers types .to() loosely
     model.eval()
     log.info("model %s loaded in %.1fs (%s, %s)", folder.name, time.monotonic() - started, device, dtype_name)
     return model, tokenizer
