@@ -63,7 +63,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, app: Application) -> None:
         self.app = app
         self.settings = app.settings
-        self.loop = asyncio.get_event_loop()
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer_ip = ""
         self.flow = WriteFlow()

@@ -38,7 +38,7 @@ async def _with_deadline(fut: asyncio.Future[ResponseHead], timeout: float | Non
     if not timeout:
         await fut
         return
-    timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+    timer = fut.get_loop().call_later(timeout, _expire, fut)
     try:
         await fut
     finally:

@@ -25,7 +25,7 @@ class Tunnel(asyncio.Protocol):
         self.upstream: asyncio.Transport | None = None
         self.bytes_up = 0  # client → upstream
         self.bytes_down = 0  # upstream → client
-        self.done: asyncio.Future[str] = asyncio.get_event_loop().create_future()
+        self.done: asyncio.Future[str] = client.loop.create_future()
         self._client_eof = False
         self._upstream_eof = False
         self._last_activity = time.monotonic()
@@ -65,7 +65,7 @@ class Tunnel(asyncio.Protocol):
         """The 200 is sent: relay from now on, watching for idleness."""
         self.client.become_relay(self)
         if self.idle_timeout > 0:
-            self._timer = asyncio.get_event_loop().call_later(self.idle_timeout, self._check_idle)
+            self._timer = self.client.loop.call_later(self.idle_timeout, self._check_idle)
 
     def from_client(self, data: bytes) -> None:
         self.bytes_up += len(data)
@@ -99,7 +99,7 @@ class Tunnel(asyncio.Protocol):
         if idle >= self.idle_timeout:
             self._finish("idle timeout")
         else:
-            self._timer = asyncio.get_event_loop().call_later(self.idle_timeout - idle, self._check_idle)
+            self._timer = self.client.loop.call_later(self.idle_timeout - idle, self._check_idle)
 
     def close(self, why: str) -> None:
         self._finish(why)

@@ -39,6 +39,8 @@ class UpstreamClosed(ConnectionResetError):
 class UpstreamConnection(asyncio.Protocol):
     def __init__(self, key: Key) -> None:
         self.key = key
+        # Kept: asyncio.get_event_loop() costs a getpid() syscall per call.
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.flow = WriteFlow()
         self.closed = False
@@ -61,7 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
     def begin(self, head_only: bool) -> asyncio.Future[ResponseHead]:
         """Expect one response (after the caller writes a request)."""
         self._parser = httptools.HttpResponseParser(self)
-        self._head = asyncio.get_event_loop().create_future()
+        self._head = self._loop.create_future()
         self._head_only = head_only
         self.body = None
         self.complete = False

@@ -26,6 +26,7 @@ class RedisUnavailable(Exception):
 class _RespConnection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()  # kept: looking it up costs a syscall
         self.parser = ReplyParser()
         self.waiting: deque[asyncio.Future[Reply]] = deque()
         self.lost = False
@@ -56,7 +57,7 @@ class _RespConnection(asyncio.Protocol):
                 fut.set_exception(err)
 
     def send(self, data: bytes) -> asyncio.Future[Reply]:
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Reply] = self.loop.create_future()
         self.waiting.append(fut)
         self.transport.write(data)  # type: ignore[union-attr]
         return fut
@@ -114,7 +115,7 @@ class PipelinedRedis:
         conn = await self._connection()
         fut = conn.send(command)
         if self.timeout and not fut.done():
-            timer = asyncio.get_running_loop().call_later(
+            timer = fut.get_loop().call_later(
                 self.timeout, _expire, fut, f"no reply from Redis within {self.timeout:g}s"
             )
             try:
