@@ -18,6 +18,7 @@ from .http.connection import ClientConnection
 from .http.message import Request
 from .inference.api import SeedInferenceApi
 from .inference.metrics import InferenceMetrics
+from .inference.openai_api import OpenAiApi
 from .inference.service import InferenceLimits, InferenceService
 from .observability.logging import AccessLog
 from .observability.metrics import GatewayMetrics
@@ -82,6 +83,10 @@ class Gateway:
         )
         seed_api = SeedInferenceApi(self.inference, settings.max_tokens_limit, settings.max_prompt_bytes)
         self.api.add("/v1/inference", ("POST",), seed_api.handle)
+        openai = OpenAiApi(self.inference, settings.max_tokens_limit, settings.max_prompt_bytes)
+        self.api.add("/v1/models", ("GET",), openai.models)
+        self.api.add("/v1/completions", ("POST",), openai.completions)
+        self.api.add("/v1/chat/completions", ("POST",), openai.chat_completions)
         self._all_closed: asyncio.Event | None = None
 
     def bound(self, port: int) -> None:

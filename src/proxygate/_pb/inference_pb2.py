@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0finference.proto\x12\tinference\"\xd0\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x10 \x03(\t\x12\r\n\x05top_p\x18\x11 \x01(\x02\x12\x0c\n\x04seed\x18\x12 \x01(\x03\x12\x10\n\x08has_seed\x18\x13 \x01(\x08\x12\x12\n\nraw_prompt\x18\x14 \x01(\x08\"\x96\x01\n\rTokenResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0btoken_count\x18\x05 \x01(\x05\x12\x15\n\rfinish_reason\x18\x10 \x01(\t\x12\x15\n\rprompt_tokens\x18\x11 \x01(\x05\"\x0f\n\rHealthRequest\"\x89\x02\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x1a\n\x12\x63urrent_queue_size\x18\x02 \x01(\x05\x12\x17\n\x0fgpu_utilization\x18\x03 \x01(\x02\x12\x0e\n\x06models\x18\x10 \x03(\t\x12\x17\n\x0fmax_concurrency\x18\x11 \x01(\x05\x12\x18\n\x10\x61\x63tive_sequences\x18\x12 \x01(\x05\x12\r\n\x05ready\x18\x13 \x01(\x08\x12\x0e\n\x06\x65ngine\x18\x14 \x01(\t\x12\x1b\n\x13generations_started\x18\x15 \x01(\x03\x12\x1d\n\x15generations_cancelled\x18\x16 \x01(\x03\x12\x13\n\x0bpeak_active\x18\x17 \x01(\x05\x32\x91\x01\n\x0cModelService\x12\x42\n\x08Generate\x12\x1a.inference.GenerateRequest\x1a\x18.inference.TokenResponse0\x01\x12=\n\x06Health\x12\x18.inference.HealthRequest\x1a\x19.inference.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0finference.proto\x12\tinference\"\xfa\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x10 \x03(\t\x12\r\n\x05top_p\x18\x11 \x01(\x02\x12\x0c\n\x04seed\x18\x12 \x01(\x03\x12\x10\n\x08has_seed\x18\x13 \x01(\x08\x12\x12\n\nraw_prompt\x18\x14 \x01(\x08\x12(\n\x08messages\x18\x15 \x03(\x0b\x32\x16.inference.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x96\x01\n\rTokenResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0btoken_count\x18\x05 \x01(\x05\x12\x15\n\rfinish_reason\x18\x10 \x01(\t\x12\x15\n\rprompt_tokens\x18\x11 \x01(\x05\"\x0f\n\rHealthRequest\"\x89\x02\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x1a\n\x12\x63urrent_queue_size\x18\x02 \x01(\x05\x12\x17\n\x0fgpu_utilization\x18\x03 \x01(\x02\x12\x0e\n\x06models\x18\x10 \x03(\t\x12\x17\n\x0fmax_concurrency\x18\x11 \x01(\x05\x12\x18\n\x10\x61\x63tive_sequences\x18\x12 \x01(\x05\x12\r\n\x05ready\x18\x13 \x01(\x08\x12\x0e\n\x06\x65ngine\x18\x14 \x01(\t\x12\x1b\n\x13generations_started\x18\x15 \x01(\x03\x12\x1d\n\x15generations_cancelled\x18\x16 \x01(\x03\x12\x13\n\x0bpeak_active\x18\x17 \x01(\x05\x32\x91\x01\n\x0cModelService\x12\x42\n\x08Generate\x12\x1a.inference.GenerateRequest\x1a\x18.inference.TokenResponse0\x01\x12=\n\x06Health\x12\x18.inference.HealthRequest\x1a\x19.inference.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=31
-  _globals['_GENERATEREQUEST']._serialized_end=239
-  _globals['_TOKENRESPONSE']._serialized_start=242
-  _globals['_TOKENRESPONSE']._serialized_end=392
-  _globals['_HEALTHREQUEST']._serialized_start=394
-  _globals['_HEALTHREQUEST']._serialized_end=409
-  _globals['_HEALTHRESPONSE']._serialized_start=412
-  _globals['_HEALTHRESPONSE']._serialized_end=677
-  _globals['_MODELSERVICE']._serialized_start=680
-  _globals['_MODELSERVICE']._serialized_end=825
+  _globals['_GENERATEREQUEST']._serialized_end=281
+  _globals['_CHATMESSAGE']._serialized_start=283
+  _globals['_CHATMESSAGE']._serialized_end=327
+  _globals['_TOKENRESPONSE']._serialized_start=330
+  _globals['_TOKENRESPONSE']._serialized_end=480
+  _globals['_HEALTHREQUEST']._serialized_start=482
+  _globals['_HEALTHREQUEST']._serialized_end=497
+  _globals['_HEALTHRESPONSE']._serialized_start=500
+  _globals['_HEALTHRESPONSE']._serialized_end=765
+  _globals['_MODELSERVICE']._serialized_start=768
+  _globals['_MODELSERVICE']._serialized_end=913
 # @@protoc_insertion_point(module_scope)

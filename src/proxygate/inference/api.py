@@ -9,60 +9,16 @@ with one line of data, and the stream ends.
 from __future__ import annotations
 
 import json
-import math
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BadRequest, PayloadTooLarge
+from ..errors import BadRequest
 from ..http.message import Request
-from .service import DEFAULT_MODEL, GenerationFailed, GenerationRequest, InferenceService
+from .fields import common_options, prompt_field, read_json_body
+from .service import GenerationFailed, GenerationRequest, InferenceService
 from .sse import SseWriter
 
 if TYPE_CHECKING:
     from ..http.connection import ClientConnection
-
-MAX_BODY = 1024 * 1024
-
-
-async def read_json_body(req: Request, limit: int = MAX_BODY) -> Any:
-    if req.body is None:
-        raise BadRequest("request body must be a JSON object")
-    if req.content_length is not None and req.content_length > limit:
-        raise PayloadTooLarge(f"request body over {limit} bytes")
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await req.body.read():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body over {limit} bytes")
-        parts.append(chunk)
-    try:
-        return json.loads(b"".join(parts))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"invalid JSON: {exc}") from None
-
-
-def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadRequest(f"{name} must be a number")
-    if not low <= value <= high:
-        raise BadRequest(f"{name} must be between {low:g} and {high:g}, got {value:g}")
-    return float(value)
-
-
-def _integer(body: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{name} must be an integer")
-    if not low <= value <= high:
-        raise BadRequest(f"{name} must be between {low} and {high}, got {value}")
-    return value
 
 
 def parse_generation(
@@ -70,37 +26,16 @@ def parse_generation(
 ) -> GenerationRequest:
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise BadRequest("prompt is required and must be a non-empty string")
-    if len(prompt.encode()) > max_prompt_bytes:
-        raise BadRequest(f"prompt must be at most {max_prompt_bytes} bytes")
-    model = body.get("model") or DEFAULT_MODEL
-    if not isinstance(model, str) or len(model) > 256:
-        raise BadRequest("model must be a string")
-    if "priority" not in body and header_priority is not None:
-        try:
-            body = {**body, "priority": int(header_priority)}
-        except ValueError:
-            raise BadRequest("X-Priority must be an integer") from None
-    stop = body.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 8 or not all(isinstance(s, str) and s for s in stop):
-        raise BadRequest("stop must be a string or a list of up to 8 non-empty strings")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise BadRequest("seed must be an integer")
     return GenerationRequest(
         request_id=request_id,
-        prompt=prompt,
-        model=model,
-        max_tokens=_integer(body, "max_tokens", min(100, max_tokens_limit), 1, max_tokens_limit),
-        temperature=_number(body, "temperature", 0.7, 0.0, 2.0),
-        priority=_integer(body, "priority", 1, 1, 10),
-        stop=stop,
-        top_p=_number(body, "top_p", 0.0, 0.0, 1.0),
-        seed=seed,
+        prompt=prompt_field(body.get("prompt"), "prompt", max_prompt_bytes),
+        **common_options(
+            body,
+            max_tokens_limit=max_tokens_limit,
+            default_max_tokens=100,
+            default_temperature=0.7,
+            header_priority=header_priority,
+        ),
     )
 
 

@@ -51,6 +51,8 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     top_p: float = 0.0
     seed: int | None = None
+    raw_prompt: bool = False
+    messages: list[tuple[str, str]] = field(default_factory=list)
 
     def to_proto(self) -> inference_pb2.GenerateRequest:
         return inference_pb2.GenerateRequest(
@@ -64,6 +66,8 @@ class GenerationRequest:
             top_p=self.top_p,
             seed=self.seed or 0,
             has_seed=self.seed is not None,
+            raw_prompt=self.raw_prompt,
+            messages=[inference_pb2.ChatMessage(role=r, content=c) for r, c in self.messages],
         )
 
 

@@ -44,6 +44,7 @@ class ModelService(inference_pb2_grpc.ModelServiceServicer):  # type: ignore[mis
             stop=tuple(request.stop),
             seed=request.seed if request.has_seed else None,
             raw_prompt=request.raw_prompt,
+            messages=tuple((m.role, m.content) for m in request.messages),
         )
         self.waiting += 1
         try:

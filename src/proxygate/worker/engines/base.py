@@ -18,6 +18,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     raw_prompt: bool = False  # True: no chat template (completions); False: the prompt is a user message
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content) of a whole chat; replaces `prompt`
 
 
 @dataclass(slots=True)

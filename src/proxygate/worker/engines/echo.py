@@ -24,7 +24,8 @@ class EchoEngine:
         return None
 
     async def generate(self, params: GenerationParams, result: GenerationResult) -> AsyncIterator[str]:
-        words = params.prompt.split()
+        text = " ".join(content for _role, content in params.messages) if params.messages else params.prompt
+        words = text.split()
         result.prompt_tokens = len(words)
         tokens = [f"[{params.model}] "] + [w + " " for w in words]
         result.finish_reason = "stop" if len(tokens) <= params.max_tokens else "length"

@@ -50,11 +50,17 @@ class HfEngine:
 
     def encode_prompt(self, params: GenerationParams) -> list[int]:
         tok = self._tokenizer
-        if params.raw_prompt or not getattr(tok, "chat_template", None):
+        has_template = bool(getattr(tok, "chat_template", None))
+        if params.messages:
+            conversation = [{"role": role, "content": content} for role, content in params.messages]
+            if not has_template:
+                text = "\n".join(f"{m['role']}: {m['content']}" for m in conversation) + "\nassistant:"
+                return list(tok(text)["input_ids"])
+        elif params.raw_prompt or not has_template:
             return list(tok(params.prompt)["input_ids"])
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": params.prompt}], add_generation_prompt=True, tokenize=True
-        )
+        else:
+            conversation = [{"role": "user", "content": params.prompt}]
+        ids = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)

@@ -1,0 +1,102 @@
+"""Request-body fields shared by the inference APIs: JSON reading and bounded values.
+
+Every error is a 400 that names the field, as the seed API and OpenAI clients expect.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from ..errors import BadRequest, PayloadTooLarge
+from ..http.message import Request
+from .service import DEFAULT_MODEL
+
+MAX_BODY = 1024 * 1024
+
+
+async def read_json_body(req: Request, limit: int = MAX_BODY) -> Any:
+    if req.body is None:
+        raise BadRequest("request body must be a JSON object")
+    if req.content_length is not None and req.content_length > limit:
+        raise PayloadTooLarge(f"request body over {limit} bytes")
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await req.body.read():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body over {limit} bytes")
+        parts.append(chunk)
+    try:
+        return json.loads(b"".join(parts))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"invalid JSON: {exc}") from None
+
+
+def number_field(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequest(f"{name} must be a number")
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low:g} and {high:g}, got {value:g}")
+    return float(value)
+
+
+def integer_field(body: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{name} must be an integer")
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def prompt_field(value: Any, name: str, max_bytes: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest(f"{name} is required and must be a non-empty string")
+    if len(value.encode()) > max_bytes:
+        raise BadRequest(f"{name} must be at most {max_bytes} bytes")
+    return value
+
+
+def common_options(
+    body: dict[str, Any],
+    *,
+    max_tokens_limit: int,
+    default_max_tokens: int,
+    default_temperature: float,
+    header_priority: bytes | None,
+) -> dict[str, Any]:
+    """model, max_tokens, temperature, priority, stop, top_p and seed, validated."""
+    model = body.get("model") or DEFAULT_MODEL
+    if not isinstance(model, str) or len(model) > 256:
+        raise BadRequest("model must be a string")
+    if "priority" not in body and header_priority is not None:
+        try:
+            body = {**body, "priority": int(header_priority)}
+        except ValueError:
+            raise BadRequest("X-Priority must be an integer") from None
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 8 or not all(isinstance(s, str) and s for s in stop):
+        raise BadRequest("stop must be a string or a list of up to 8 non-empty strings")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise BadRequest("seed must be an integer")
+    return {
+        "model": model,
+        "max_tokens": integer_field(body, "max_tokens", min(default_max_tokens, max_tokens_limit), 1, max_tokens_limit),
+        "temperature": number_field(body, "temperature", default_temperature, 0.0, 2.0),
+        "priority": integer_field(body, "priority", 1, 1, 10),
+        "stop": stop,
+        "top_p": number_field(body, "top_p", 0.0, 0.0, 1.0),
+        "seed": seed,
+    }
