@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -87,29 +86,39 @@ class _SeedServicer(inference_pb2_grpc.ModelServiceServicer):
 
 
 class SeedWorker:
-    """A worker that speaks only the seed's proto fields, in a thread with its own loop."""
+    """A worker that speaks only the seed's proto fields, in a process of its own.
+
+    (grpc.aio wants one event loop per process; a thread with a second loop
+    sometimes hung on shutdown.)
+    """
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        self.ready.wait(10)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.worker"],
+            stdout=subprocess.PIPE,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        match = re.search(r"listening on (\d+)", line)
+        if not match:
+            raise RuntimeError(f"seed worker did not start: {line!r}")
+        self.port = int(match.group(1))
         self.addr = f"127.0.0.1:{self.port}"
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def main() -> None:
-            self.server = grpc.aio.server()
-            inference_pb2_grpc.add_ModelServiceServicer_to_server(_SeedServicer(), self.server)
-            self.port = self.server.add_insecure_port("127.0.0.1:0")
-            await self.server.start()
-            self.ready.set()
-            await self.server.wait_for_termination()
-
-        self.loop.run_until_complete(main())
-
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(None), self.loop).result(10)
-        self.thread.join(10)
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+async def _serve_seed() -> None:
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_ModelServiceServicer_to_server(_SeedServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"listening on {port}", flush=True)
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve_seed())

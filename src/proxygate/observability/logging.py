@@ -91,10 +91,12 @@ class AccessLog:
     ) -> None:
         stamp = self._timestamp()
         if self.json:
+            # request_id (a checked token or ours), method (an HTTP token checked by
+            # the parser) and client_ip (an address) need no escaping; host and path may.
             line = (
-                f'{{"time":"{stamp}","level":"info","msg":"request","request_id":{_json_str(request_id)},'
-                f'"status":{status},"method":{_json_str(method)},"host":{_json_str(host)},'
-                f'"path":{_json_str(path)},"client_ip":{_json_str(client_ip)},"duration_ms":{duration_ms:.3f},'
+                f'{{"time":"{stamp}","level":"info","msg":"request","request_id":"{request_id}",'
+                f'"status":{status},"method":"{method}","host":{_json_str(host)},'
+                f'"path":{_json_str(path)},"client_ip":"{client_ip}","duration_ms":{duration_ms:.3f},'
                 f'"bytes_in":{bytes_in},"bytes_out":{bytes_out}}}'
             )
         else:

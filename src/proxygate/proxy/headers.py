@@ -24,14 +24,13 @@ HOP_BY_HOP = frozenset(
 def end_to_end(headers: Headers, *, drop: frozenset[bytes] = frozenset()) -> Headers:
     """The headers to forward: hop-by-hop ones removed, including every one the
     `Connection` header names, and any in `drop` (lower-case names)."""
+    lowered = [name.lower() for name, _ in headers]
     named: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() in (b"connection", b"proxy-connection"):
+    for lname, (_, value) in zip(lowered, headers, strict=True):
+        if lname == b"connection" or lname == b"proxy-connection":
             named.update(t.strip().lower() for t in value.split(b","))
-    out: Headers = []
-    for name, value in headers:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname in drop or (named and lname in named):
-            continue
-        out.append((name, value))
-    return out
+    return [
+        header
+        for lname, header in zip(lowered, headers, strict=True)
+        if lname not in HOP_BY_HOP and lname not in drop and lname not in named
+    ]

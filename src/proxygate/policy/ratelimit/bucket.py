@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per request, and frozen __init__ is slower
 class Decision:
     allowed: bool
     limit: int  # the bucket's capacity (burst)
