@@ -26,7 +26,7 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from proxy_bench import free_port, wait_port  # noqa: E402
+from proxy_bench import free_port, gateway_argv, wait_port  # noqa: E402
 
 from proxygate._pb import inference_pb2 as pb  # noqa: E402
 from proxygate._pb import inference_pb2_grpc as pbg  # noqa: E402
@@ -46,26 +46,8 @@ def worker(port: int, log: Path, *flags: str) -> subprocess.Popen:
 
 def gateway(port: int, workers: list[int], log: Path) -> subprocess.Popen:
     addrs = ",".join(f"127.0.0.1:{p}" for p in workers)
-    proc = start(
-        [
-            sys.executable,
-            "-m",
-            "proxygate",
-            "gateway",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "-worker-addrs",
-            addrs,
-            "-limiter",
-            "none",
-            "--blocklist",
-            "/nonexistent",
-            "--max-queue",
-            "10000",
-        ],
-        port,
-        log,
-    )
+    flags = ("-worker-addrs", addrs, "-limiter", "none", "--blocklist", "/nonexistent", "--max-queue", "10000")
+    proc = start(gateway_argv(port, *flags), port, log)
     time.sleep(1.5)  # first health poll
     return proc
 

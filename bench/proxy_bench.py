@@ -45,6 +45,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def gateway_argv(port: int, *flags: str) -> list[str]:
+    """The command line of a proxygate gateway on 127.0.0.1:port (shared by every benchmark)."""
+    return [sys.executable, "-m", "proxygate", "gateway", "--listen", f"127.0.0.1:{port}", *flags]
+
+
 def wait_port(port: int, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -159,25 +164,12 @@ def make_proxies(work: Path, only: set[str] | None) -> list[Proxy]:
         proxies.append(
             Proxy(
                 "proxygate",
-                [
-                    sys.executable,
-                    "-m",
-                    "proxygate",
-                    "gateway",
-                    "--listen",
-                    f"127.0.0.1:{port}",
-                    "--connect-ports",
-                    "*",
-                    "--deny-destinations",
-                    "",
-                    "--blocklist",
-                    str(work / "none.json"),
+                gateway_argv(
+                    port,
+                    *("--connect-ports", "*", "--deny-destinations", "", "--blocklist", str(work / "none.json")),
                     # the memory limiter checks every request, with a budget the load never exhausts
-                    "-rate-limit",
-                    "1000000000",
-                    "-rate-burst",
-                    "1000000000",
-                ],
+                    *("-rate-limit", "1000000000", "-rate-burst", "1000000000"),
+                ),
                 port,
             )
         )

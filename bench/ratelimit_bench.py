@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from proxy_bench import free_port, start_nginx, wait_port, wrk  # noqa: E402
+from proxy_bench import free_port, gateway_argv, start_nginx, wait_port, wrk  # noqa: E402
 
 from proxygate.policy.ratelimit import BucketSpec, MemoryLimiter, RedisLimiter  # noqa: E402
 
@@ -53,27 +53,18 @@ def start_redis(work: Path) -> tuple[subprocess.Popen, int]:
 
 
 def gateway(port: int, work: Path, *flags: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "proxygate",
-            "gateway",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--deny-destinations",
-            "",
-            "--blocklist",
-            str(work / "none.json"),
-            "-rate-limit",
-            HUGE,
-            "-rate-burst",
-            HUGE,
-            *flags,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    argv = gateway_argv(
+        port,
+        "--deny-destinations",
+        "",
+        "--blocklist",
+        str(work / "none.json"),
+        "-rate-limit",
+        HUGE,
+        "-rate-burst",
+        HUGE,
     )
+    proc = subprocess.Popen([*argv, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port)
     time.sleep(0.3)
     return proc
