@@ -39,6 +39,10 @@ class Sequence:
     emit: Callable[[object], None]  # thread-safe: str pieces, then Finished or an exception
     generated: list[int] = field(default_factory=list)
     sent: str = ""
+    # Incremental detokenisation: only generated[prefix_offset:] is decoded per
+    # step (the text before it is final), so a step costs O(1), not O(length).
+    prefix_offset: int = 0
+    read_offset: int = 0
     cancelled: bool = False
     done: bool = False
     rng: torch.Generator | None = None
@@ -206,10 +210,9 @@ class BatchDecoder:
         if token in self.eos:
             return self._finish(seq, "stop")
         seq.generated.append(token)
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        # A token can end inside a multi-byte character: hold it back until complete.
-        if not text.endswith("\ufffd"):
-            new = text[len(seq.sent) :]
+        new = self._new_text(seq)
+        if new:
+            text = seq.sent + new
             for stop in seq.params.stop:
                 at = text.find(stop, max(0, len(seq.sent) - len(stop) + 1))
                 if at != -1:
@@ -218,12 +221,24 @@ class BatchDecoder:
                         seq.emit(piece)
                     seq.sent = text[:at]
                     return self._finish(seq, "stop")
-            if new:
-                seq.emit(new)
-                seq.sent = text
+            seq.emit(new)
+            seq.sent = text
         if len(seq.generated) >= seq.params.max_tokens:
             return self._finish(seq, "length")
         return False
+
+    def _new_text(self, seq: Sequence) -> str:
+        """The text the newest token completes ("" while a character is still split)."""
+        ids = seq.generated
+        decode = self.tokenizer.decode
+        before = decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
+        after = decode(ids[seq.prefix_offset :], skip_special_tokens=True)
+        # A token can end inside a multi-byte character: hold it back until complete.
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        seq.prefix_offset = seq.read_offset
+        seq.read_offset = len(ids)
+        return after[len(before) :]
 
     def _finish(self, seq: Sequence, reason: str) -> bool:
         seq.done = True
