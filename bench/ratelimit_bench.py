@@ -27,29 +27,10 @@ from proxy_bench import free_port, gateway_argv, start_nginx, wait_port, wrk  # 
 
 from proxygate.policy.ratelimit import BucketSpec, MemoryLimiter, RedisLimiter  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.support.redis_server import RedisServer  # noqa: E402
+
 HUGE = "1000000000"
-
-
-def start_redis(work: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(work),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    wait_port(port)
-    return proc, port
 
 
 def gateway(port: int, work: Path, *flags: str) -> subprocess.Popen:
@@ -92,7 +73,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="rlbench-") as tmp:
         work = Path(tmp)
         nginx, origin = start_nginx(work)
-        redis, redis_port = start_redis(work)
+        redis = RedisServer(work)  # the same real redis-server the tests start
+        redis.start()
+        redis_port = redis.port
         url = f"http://127.0.0.1:{origin}/small"
         try:
             configs = {
@@ -130,9 +113,8 @@ def main() -> int:
 
             cost_rows = asyncio.run(costs())
         finally:
-            redis.terminate()
+            redis.stop()
             nginx.terminate()
-            redis.wait(10)
             nginx.wait(10)
     out = "\n".join(
         [
