@@ -33,6 +33,7 @@ class GatewayProcess:
             stderr=subprocess.STDOUT,
             env=full_env,
         )
+        self._sockets: list[socket.socket] = []
         self.port = self._wait_listening()
         self.proxy = f"http://127.0.0.1:{self.port}"
 
@@ -60,7 +61,9 @@ class GatewayProcess:
         raise AssertionError(f"log never matched {pattern!r}:\n{self.log()[-3000:]}")
 
     def connect(self) -> socket.socket:
+        """A raw client socket to the gateway, closed at the latest when the gateway stops."""
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        self._sockets.append(sock)
         return sock
 
     def rss_kib(self) -> int:
@@ -73,6 +76,8 @@ class GatewayProcess:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 15.0) -> int:
+        for sock in self._sockets:
+            sock.close()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
