@@ -170,10 +170,11 @@ def test_priority_order(start_gateway, start_worker) -> None:
     w = start_worker("--latency", "0.05", "--max-concurrency", "1")
     gw = start_gateway("-worker-addrs", w.addr)
     wait_healthy(gw)
-    running = {"prompt": " ".join(["w"] * 15), "priority": 5}  # ~0.8 s on the worker
+    running = {"prompt": " ".join(["w"] * 30), "priority": 5}  # ~1.5 s on the worker
     lows = [{"prompt": "low", "priority": 1, "max_tokens": 2} for _ in range(5)]
     high = {"prompt": "high", "priority": 9, "max_tokens": 2}
-    times = _first_token_times(gw, [running, *lows, high], gap=0.05)
+    # 0.1 s apart: all queued well before the running request ends, in a known order.
+    times = _first_token_times(gw, [running, *lows, high], gap=0.1)
     high_at, low_times = times[-1], times[1:-1]
     assert all(high_at < t for t in low_times), times
     assert low_times == sorted(low_times)  # FIFO within a priority
