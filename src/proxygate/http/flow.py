@@ -115,14 +115,6 @@ class BodyBuffer:
         self._resume()
         return data
 
-    def discard(self) -> int:
-        """Drop what is buffered (the consumer lost interest) and keep reading."""
-        dropped = self._size
-        self._chunks.clear()
-        self._size = 0
-        self._resume()
-        return dropped
-
 
 class WriteFlow:
     """Tracks whether our transport asked us to stop writing."""
@@ -147,10 +139,6 @@ class WriteFlow:
 
     def _release(self) -> None:
         _release(self._waiter)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     async def drain(self, timeout: float) -> None:
         """Return once the peer has taken our buffered bytes below the low mark.

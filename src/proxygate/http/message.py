@@ -35,10 +35,6 @@ def status_line(version: bytes, status: int) -> bytes:
     return line
 
 
-def reason_phrase(status: int) -> str:
-    return _REASONS.get(status, b"Unknown").decode()
-
-
 # Ids are a random per-process prefix and a counter: unique across restarts
 # and replicas in practice, and far cheaper than reading urandom per request.
 _ID_PREFIX = secrets.token_hex(5)
@@ -102,8 +98,3 @@ def render_head(version: bytes, status: int, headers: Headers) -> bytes:
         parts.append(name + b": " + value + b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
-
-
-def has_token(value: bytes, token: bytes) -> bool:
-    """Whether a comma-separated header value lists `token` (case-insensitive)."""
-    return any(part.strip().lower() == token for part in value.split(b","))

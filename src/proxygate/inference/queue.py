@@ -87,7 +87,3 @@ class RequestQueue:
         heapq.heappop(heap)
         ticket.queued = False
         self._live -= 1
-
-    def pending_for(self, model: str) -> int:
-        heap = self._heaps.get(model, [])
-        return sum(1 for _p, _s, t in heap if not t.cancelled)

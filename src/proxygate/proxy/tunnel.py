@@ -101,9 +101,6 @@ class Tunnel(asyncio.Protocol):
         else:
             self._timer = self.client.loop.call_later(self.idle_timeout - idle, self._check_idle)
 
-    def close(self, why: str) -> None:
-        self._finish(why)
-
     def _finish(self, why: str) -> None:
         if self.done.done():
             return

@@ -267,7 +267,3 @@ class UpstreamPool:
             for conn in idle:
                 conn.close()
         self._idle.clear()
-
-    @property
-    def idle_count(self) -> int:
-        return sum(len(d) for d in self._idle.values())
