@@ -218,7 +218,7 @@ GATEWAY_FLAGS: tuple[Flag, ...] = (
     Flag("health-interval", "1s", parse_duration, "how often each worker's Health is polled"),
     Flag("health-timeout", "1s", parse_duration, "deadline of one Health poll"),
     Flag("worker-eject-after", "3", parse_positive_int, "failed polls in a row before a worker is ejected"),
-    Flag("upstream-idle-per-host", "32", parse_positive_int, "idle upstream keep-alive connections kept per host"),
+    Flag("upstream-idle-per-host", "256", parse_positive_int, "idle upstream keep-alive connections kept per host"),
 )
 
 
@@ -258,7 +258,7 @@ class GatewaySettings:
     health_interval: float = 1.0
     health_timeout: float = 1.0
     worker_eject_after: int = 3
-    upstream_idle_per_host: int = 32
+    upstream_idle_per_host: int = 256
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -8,7 +8,7 @@ Paths:
   /slow/N/SECONDS        N chunks spread over SECONDS, chunked
   /status/N              that status (no body for 1xx/204/304)
   /headers               the request headers as JSON
-  /conn                  the client port of this connection (pooling checks)
+  /conn[/SECONDS]        the client port of this connection (pooling checks), after SECONDS
   /metrics               a body saying it is the origin's
   POST|PUT /echo         sha256 and length of the request body as JSON
 """
@@ -117,6 +117,8 @@ class OriginHandler(BaseHTTPRequestHandler):
             body = json.dumps([[k, v] for k, v in self.headers.items()]).encode()
             self._send(200, body, "application/json")
         elif name == "conn":
+            if len(parts) > 1:
+                time.sleep(float(parts[1]))
             self._send(200, str(self.client_address[1]).encode())
         elif name == "metrics":
             self._send(200, b"origin metrics\n")
