@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Sequence
+
+from .runloop import run
 
 USAGE = """usage: proxygate COMMAND [flags]
 
@@ -14,14 +15,6 @@ commands:
 """
 
 
-def _run(coro_factory: object) -> int:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a hard dependency on Linux
-        return asyncio.run(coro_factory())  # type: ignore[operator,no-any-return]
-    return uvloop.run(coro_factory())  # type: ignore[operator,no-any-return]
-
-
 def gateway_main(argv: Sequence[str]) -> int:
     from .config import settings_from_args
     from .observability.logging import setup_logging
@@ -29,7 +22,11 @@ def gateway_main(argv: Sequence[str]) -> int:
 
     settings = settings_from_args(argv)
     setup_logging(settings.log_format, settings.debug)
-    return _run(lambda: serve(settings))
+    if settings.workers > 1:
+        from .prefork import run_supervised
+
+        return run_supervised(settings)
+    return run(lambda: serve(settings))
 
 
 def worker_main(argv: Sequence[str]) -> int:
@@ -40,7 +37,7 @@ def worker_main(argv: Sequence[str]) -> int:
 
     settings = worker_settings_from_args(argv)
     setup_logging(settings.log_format, settings.debug)
-    return _run(lambda: serve_worker(build_engine(settings), settings.host, settings.port))
+    return run(lambda: serve_worker(build_engine(settings), settings.host, settings.port))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -69,6 +69,16 @@ def parse_non_negative_int(text: str) -> int:
     return _parse_int(text, 0)
 
 
+def parse_workers(text: str) -> int:
+    """A process count; `auto` is one per CPU this process may run on."""
+    if text.strip().lower() == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    value = parse_positive_int(text)
+    if value > 256:
+        raise ValueError(f"at most 256 processes, got {value}")
+    return value
+
+
 def parse_ipv6_prefix(text: str) -> int:
     value = parse_positive_int(text)
     if value > 128:
@@ -218,6 +228,12 @@ GATEWAY_FLAGS: tuple[Flag, ...] = (
     Flag("health-interval", "1s", parse_duration, "how often each worker's Health is polled"),
     Flag("health-timeout", "1s", parse_duration, "deadline of one Health poll"),
     Flag("worker-eject-after", "3", parse_positive_int, "failed polls in a row before a worker is ejected"),
+    Flag(
+        "workers",
+        "1",
+        parse_workers,
+        "processes serving the listener (SO_REUSEPORT); auto: one per CPU. Rate limits and /metrics cover them all",
+    ),
     Flag("upstream-idle-per-host", "256", parse_positive_int, "idle upstream keep-alive connections kept per host"),
 )
 
@@ -258,6 +274,7 @@ class GatewaySettings:
     health_interval: float = 1.0
     health_timeout: float = 1.0
     worker_eject_after: int = 3
+    workers: int = 1
     upstream_idle_per_host: int = 256
 
 

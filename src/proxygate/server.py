@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import ssl
 import sys
+from collections.abc import Callable
 
 from .config import GatewaySettings
 from .gateway import Gateway
 from .http.connection import ClientConnection
+from .listeners import open_listeners
 from .policy.blocklist import BlocklistError
 from .policy.ratelimit import LimiterUnavailable, MemoryLimiter, RedisLimiter
 
@@ -33,7 +36,7 @@ def tls_context(settings: GatewaySettings) -> ssl.SSLContext:
 
 
 async def _housekeeping(gateway: Gateway) -> None:
-    """Blocklist file watch, idle upstream sweep, access-log flush."""
+    """Blocklist file watch, idle upstream sweep, access-log flush, metrics for peer processes."""
     ticks_per_watch = max(1, int(WATCH_INTERVAL / FLUSH_INTERVAL))
     tick = 0
     while True:
@@ -44,12 +47,23 @@ async def _housekeeping(gateway: Gateway) -> None:
             if gateway.blocklist.changed_on_disk():
                 gateway.blocklist.reload()
             gateway.pool.sweep()
+            gateway.metrics.publish()
             if isinstance(gateway.limiter, MemoryLimiter) and tick % (ticks_per_watch * 30) == 0:
                 gateway.limiter.sweep()
 
 
-async def serve(settings: GatewaySettings, gateway: Gateway | None = None) -> int:
-    """Run the gateway until a stop signal; the process exit code."""
+async def serve(
+    settings: GatewaySettings,
+    gateway: Gateway | None = None,
+    *,
+    listeners: list[socket.socket] | None = None,
+    on_listening: Callable[[int], None] | None = None,
+) -> int:
+    """Run the gateway until a stop signal; the process exit code.
+
+    One of several processes (`prefork`) gets its `listeners` and reports
+    readiness through `on_listening`; alone, it opens and announces its own.
+    """
     gateway = gateway or Gateway(settings)
     try:
         gateway.blocklist.load_initial()
@@ -72,21 +86,21 @@ async def serve(settings: GatewaySettings, gateway: Gateway | None = None) -> in
             return 1
     host, port = settings.listen
     try:
-        server = await loop.create_server(
-            lambda: ClientConnection(gateway),
-            host or None,
-            port,
-            ssl=ssl_ctx,
-            backlog=2048,
-            reuse_address=True,
-        )
+        socks = listeners if listeners is not None else open_listeners(host, port)
+        servers = [
+            await loop.create_server(lambda: ClientConnection(gateway), sock=sock, ssl=ssl_ctx, backlog=2048)
+            for sock in socks
+        ]
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc)
         return 1
-    bound = server.sockets[0].getsockname()
+    bound = socks[0].getsockname()
     gateway.bound(bound[1])
-    shown_host = bound[0] if ":" not in bound[0] else f"[{bound[0]}]"
-    log.info("listening on %s://%s:%d", settings.proto, shown_host, bound[1])
+    if on_listening is not None:
+        on_listening(bound[1])
+    else:
+        shown_host = bound[0] if ":" not in bound[0] else f"[{bound[0]}]"
+        log.info("listening on %s://%s:%d", settings.proto, shown_host, bound[1])
 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -99,7 +113,8 @@ async def serve(settings: GatewaySettings, gateway: Gateway | None = None) -> in
         log.info(
             "shutting down: draining %d connections (up to %gs)", len(gateway.connections), settings.shutdown_timeout
         )
-        server.close()
+        for server in servers:
+            server.close()
         aborted = await gateway.drain_connections(settings.shutdown_timeout)
         if aborted:
             log.warning("shutdown timeout: closed %d connections still in flight", aborted)
@@ -107,6 +122,7 @@ async def serve(settings: GatewaySettings, gateway: Gateway | None = None) -> in
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         log.info("stopped")
+        gateway.metrics.publish()
         gateway.access_log.flush()
         sys.stderr.flush()
     return 0

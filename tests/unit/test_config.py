@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 import sys
 
@@ -57,6 +58,8 @@ def test_both_spellings_equals_and_env() -> None:
         (["--connect-ports", "0"], "-connect-ports"),
         (["--trusted-proxies", "10.0.0.0/99"], "-trusted-proxies"),
         (["-proto", "https"], "-proto"),
+        (["--workers", "0"], "-workers"),
+        (["--workers", "300"], "-workers"),
     ],
 )
 def test_bad_values_exit_2_with_one_line(args: list[str], flag: str) -> None:
@@ -109,3 +112,8 @@ def test_help_lists_every_flag_with_defaults() -> None:
     ):
         assert flag in out.stdout, flag
     assert "default '30s'" in out.stdout
+
+
+def test_workers_auto_is_one_per_usable_cpu() -> None:
+    assert settings_from_args(["--workers", "auto"], environ={}).workers == len(os.sched_getaffinity(0))
+    assert settings_from_args([], environ={"PROXYGATE_WORKERS": "3"}).workers == 3

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
+import time
 
 import pytest
 
 from proxygate.config import parse_networks
 from proxygate.policy.identity import ClientIdentity
 from proxygate.policy.ratelimit import BucketSpec, MemoryLimiter
+from proxygate.policy.ratelimit.shared import STALE_LOCK, SharedMemoryLimiter
 
 
 class Clock:
@@ -20,13 +23,22 @@ class Clock:
         return self.now
 
 
-def limiter(per_minute: float = 100, burst: int = 20, **kw: int) -> tuple[MemoryLimiter, Clock]:
+STORES = {"memory": MemoryLimiter, "shared": SharedMemoryLimiter}
+
+
+@pytest.fixture(params=sorted(STORES))
+def store(request: pytest.FixtureRequest) -> type:
+    """The in-process store and the shared-memory one (several processes) obey the same tests."""
+    return STORES[request.param]
+
+
+def limiter(per_minute: float = 100, burst: int = 20, cls: type = MemoryLimiter, **kw: int) -> tuple:
     clock = Clock()
-    return MemoryLimiter(BucketSpec.per_minute(per_minute, burst), clock=clock, **kw), clock
+    return cls(BucketSpec.per_minute(per_minute, burst), clock=clock, **kw), clock
 
 
-def test_burst_then_reject_with_headers() -> None:
-    lim, clock = limiter()
+def test_burst_then_reject_with_headers(store: type) -> None:
+    lim, clock = limiter(cls=store)
     decisions = [lim.check_now("a") for _ in range(21)]
     assert all(d.allowed for d in decisions[:20]) and not decisions[20].allowed
     assert decisions[0].remaining == 19 and decisions[19].remaining == 0
@@ -39,8 +51,8 @@ def test_burst_then_reject_with_headers() -> None:
     assert headers[b"X-RateLimit-Remaining"] == b"0" and headers[b"X-RateLimit-Reset"] == b"12"
 
 
-def test_exact_refill() -> None:
-    lim, clock = limiter()
+def test_exact_refill(store: type) -> None:
+    lim, clock = limiter(cls=store)
     for _ in range(20):
         assert lim.check_now("a").allowed
     clock.now += 0.59
@@ -52,8 +64,8 @@ def test_exact_refill() -> None:
     assert sum(lim.check_now("a").allowed for _ in range(25)) == 20
 
 
-def test_steady_rate_at_the_limit_is_all_admitted() -> None:
-    lim, clock = limiter()
+def test_steady_rate_at_the_limit_is_all_admitted(store: type) -> None:
+    lim, clock = limiter(cls=store)
     admitted = 0
     for _ in range(1000):
         clock.now += 0.6
@@ -61,13 +73,13 @@ def test_steady_rate_at_the_limit_is_all_admitted() -> None:
     assert admitted == 1000
 
 
-def test_slightly_over_the_limit_client_is_not_locked_out() -> None:
+def test_slightly_over_the_limit_client_is_not_locked_out(store: type) -> None:
     """2 req/s against 100/min, burst 20, for 300 s: about 20 + 300*100/60 = 520 admitted.
 
     The seed's Redis script moved the timestamp on rejects without draining,
     admitting about 120.
     """
-    lim, clock = limiter()
+    lim, clock = limiter(cls=store)
     admitted = 0
     for _ in range(600):
         admitted += lim.check_now("a").allowed
@@ -75,8 +87,8 @@ def test_slightly_over_the_limit_client_is_not_locked_out() -> None:
     assert 510 <= admitted <= 525, admitted
 
 
-def test_clients_are_independent() -> None:
-    lim, _ = limiter(burst=1)
+def test_clients_are_independent(store: type) -> None:
+    lim, _ = limiter(burst=1, cls=store)
     assert lim.check_now("a").allowed and not lim.check_now("a").allowed
     assert lim.check_now("b").allowed
 
@@ -101,9 +113,50 @@ def test_eviction_keeps_recently_seen_client() -> None:
             assert not lim.check_now("busy").allowed  # still tracked: still limited
 
 
-def test_async_interface() -> None:
-    lim, _ = limiter(burst=1)
+def test_async_interface(store: type) -> None:
+    lim, _ = limiter(burst=1, cls=store)
     assert asyncio.run(lim.check("k")).allowed
+
+
+def test_shared_table_is_bounded_and_reuses_drained_slots() -> None:
+    lim, clock = limiter(cls=SharedMemoryLimiter, max_clients=1000)
+    for i in range(50_000):
+        assert lim.check_now(f"client-{i}").allowed  # a full table forgets the oldest, it never fails
+    assert lim.tracked() <= 2048 + 16
+    clock.now += 60
+    assert lim.tracked() == 0
+
+
+def test_shared_budget_holds_across_forked_processes() -> None:
+    lim, _ = limiter(per_minute=1, burst=10, cls=SharedMemoryLimiter)
+    read, write = os.pipe()
+    pids = []
+    for _ in range(3):
+        pid = os.fork()
+        if pid == 0:
+            allowed = sum(lim.check_now("one-client").allowed for _ in range(20))
+            os.write(write, bytes([allowed]))
+            os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    counts = list(os.read(read, 16))
+    os.close(read)
+    os.close(write)
+    assert len(counts) == 3 and sum(counts) == 10, counts
+
+
+def test_shared_lock_left_by_a_dead_process_is_broken() -> None:
+    lim, _ = limiter(cls=SharedMemoryLimiter)
+    pid = os.fork()
+    if pid == 0:
+        lim._lock.acquire()  # dies holding it, as a SIGKILLed process would
+        os._exit(0)
+    os.waitpid(pid, 0)
+    start = time.monotonic()
+    assert lim.check_now("a").allowed
+    assert time.monotonic() - start < STALE_LOCK + 1.0
+    assert lim.check_now("a").allowed  # and the lock works normally again
 
 
 TRUSTED = parse_networks("10.0.0.0/8,192.168.1.1/32")

@@ -7,6 +7,7 @@ reads it and renders a head with `render_head`.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import secrets
 import time
@@ -39,6 +40,16 @@ def status_line(version: bytes, status: int) -> bytes:
 # and replicas in practice, and far cheaper than reading urandom per request.
 _ID_PREFIX = secrets.token_hex(5)
 _ID_COUNTER = itertools.count(1)
+
+
+def _new_id_prefix() -> None:
+    # A forked serving process must not repeat its siblings' ids.
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX = secrets.token_hex(5)
+    _ID_COUNTER = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
 
 
 def new_request_id() -> str:

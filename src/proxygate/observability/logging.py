@@ -1,15 +1,18 @@
 """Application logs (json or text) and the one-line-per-request access log.
 
 The access log bypasses the `logging` machinery: it is written on the hot
-path, so it formats one line and appends it to a buffered stream that is
-flushed a few times a second and at shutdown.
+path, so it formats one line and appends it to a buffer that is written out
+a few times a second, when it fills, and at shutdown. Every write() carries
+whole lines and at most PIPE_BUF bytes, so lines from several serving
+processes sharing one stdout never cut into each other.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import os
+import select
 import sys
 import time
 from typing import IO, Any
@@ -56,15 +59,12 @@ class AccessLog:
 
     def __init__(self, log_format: str, stream: IO[str] | None = None) -> None:
         self.json = log_format == "json"
-        # Python's stderr is line-buffered (a write syscall per line); the
-        # access log gets its own block-buffered stream on stdout instead,
-        # flushed by the server a few times a second and at exit.
-        self.stream = stream or io.TextIOWrapper(
-            io.BufferedWriter(io.FileIO(sys.stdout.fileno(), "w", closefd=False), 1 << 16),
-            encoding="utf-8",
-            errors="replace",
-            line_buffering=False,
-        )
+        # Python's stdout would write a line per call (or cut lines at its
+        # buffer's edge); lines collect here and go out in whole-line writes.
+        self.stream = stream
+        self._fd = sys.stdout.fileno() if stream is None else -1
+        self._lines: list[bytes] = []
+        self._pending = 0
         self._second = -1
         self._stamp = ""
 
@@ -104,10 +104,52 @@ class AccessLog:
                 f"{stamp} {client_ip} {request_id} {method} {host}{path} {status} "
                 f"{duration_ms:.1f}ms in={bytes_in} out={bytes_out}"
             )
-        self.stream.write(line + "\n")
+        data = (line + "\n").encode("utf-8", "replace")
+        self._lines.append(data)
+        self._pending += len(data)
+        if self._pending >= _FLUSH_AT:
+            self.flush()
 
     def flush(self) -> None:
-        try:
+        lines, self._lines, self._pending = self._lines, [], 0
+        if not lines:
+            return
+        if self.stream is not None:
+            self.stream.write(b"".join(lines).decode("utf-8"))
             self.stream.flush()
-        except (OSError, ValueError):
-            pass
+            return
+        try:
+            for chunk in _whole_line_chunks(lines, select.PIPE_BUF):
+                _write_all(self._fd, chunk)
+        except OSError:
+            pass  # stdout gone (a closed pipe): the lines are dropped, serving goes on
+
+
+_FLUSH_AT = 32 * 1024
+
+
+def _whole_line_chunks(lines: list[bytes], limit: int) -> list[bytes]:
+    """Lines joined into chunks of at most `limit` bytes (a longer line alone)."""
+    chunks: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for line in lines:
+        if current and size + len(line) > limit:
+            chunks.append(b"".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += len(line)
+    if current:
+        chunks.append(b"".join(current))
+    return chunks
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [], 1.0)
+            continue
+        view = view[written:]

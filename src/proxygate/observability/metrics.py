@@ -11,6 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from .metrics_exchange import MetricsExchange
 from .request_stats import RequestStats, method_label
 
 __all__ = ["ENDPOINT_CLASSES", "GatewayMetrics", "method_label"]
@@ -21,8 +22,10 @@ ENDPOINT_CLASSES = ("proxy", "connect", "inference", "openai", "other")
 class GatewayMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, exchange: MetricsExchange | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        # Set when several processes serve the listener: /metrics covers them all.
+        self.exchange = exchange
         r = self.registry
         self.request_stats = RequestStats()
         r.register(self.request_stats)
@@ -50,4 +53,13 @@ class GatewayMetrics:
         self.observe_request = self.request_stats.observe
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.exchange is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry(auto_describe=False)
+        merged.register(self.exchange.merged(self.registry))
+        return generate_latest(merged)
+
+    def publish(self) -> None:
+        """Hand this process's metrics to the others' scrapes (several processes only)."""
+        if self.exchange is not None:
+            self.exchange.publish(self.registry)

@@ -1,0 +1,55 @@
+"""The gateway's listening sockets, opened by hand so that several processes can share a port.
+
+With `reuse_port` every process binds its own socket to the same address
+(SO_REUSEPORT) and the kernel spreads new connections over them; a process
+that only reserves the port binds without listening, which takes no
+connections.
+"""
+
+from __future__ import annotations
+
+import socket
+
+BACKLOG = 2048
+
+
+Address = tuple[int, tuple[object, ...]]  # (family, sockaddr)
+
+
+def listener_addresses(host: str, port: int) -> list[Address]:
+    """(family, sockaddr) for each address `host` (empty: every interface) names."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    out: list[Address] = []
+    for family, _type, _proto, _name, addr in infos:
+        if (family, addr) not in out:
+            out.append((family, addr))
+    return out
+
+
+def open_listeners(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> list[socket.socket]:
+    """Bound (and, unless `listen` is false, listening) sockets for host:port.
+
+    With port 0 the first socket picks the port and the others take the same one.
+    """
+    socks: list[socket.socket] = []
+    try:
+        for family, addr in listener_addresses(host, port):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                # One socket per family, as asyncio does: no v4-mapped surprises.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(socks) > 1:
+                addr = (addr[0], socks[0].getsockname()[1], *addr[2:])
+            sock.bind(addr)
+            if listen:
+                sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks

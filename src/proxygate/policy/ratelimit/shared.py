@@ -1,0 +1,126 @@
+"""Leaky buckets in shared memory, for a gateway served by several processes.
+
+The table is created before the processes fork and lives in a shared
+mapping they all inherit, so a client has one budget whichever process
+accepted its connection. Each check holds one process-shared semaphore for
+about two microseconds (a futex: no system call unless two processes meet).
+A process killed inside that window would leave it taken; a lock held for
+STALE_LOCK seconds can only be that, so the next check breaks it. (A POSIX
+record lock would be released by the kernel, but costs two system calls per
+check and sleeps under contention: 6.7 µs per check against 2.4 µs alone.)
+
+Layout: `slots + PROBE` 64-bit key hashes (0 = free), then as many
+(level, last) pairs of doubles. A key lives in the PROBE slots after its
+hash's home slot; a new key takes a free or drained slot there, else the one
+seen longest ago (the same bounded forgetting as the in-process store).
+Times are CLOCK_MONOTONIC, which every process on the machine shares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mmap
+import multiprocessing
+import struct
+import time
+from collections.abc import Callable
+
+from .bucket import BucketSpec, Decision
+
+log = logging.getLogger("proxygate.ratelimit")
+
+PROBE = 16
+STALE_LOCK = 0.05
+_HASHES = struct.Struct(f"<{PROBE}Q")
+_STATES = struct.Struct(f"<{2 * PROBE}d")
+_HASH = struct.Struct("<Q")
+_STATE = struct.Struct("<dd")
+
+
+def key_hash(key: str) -> int:
+    """A stable 64-bit hash (never 0), the same in every process."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") or 1
+
+
+class SharedMemoryLimiter:
+    name = "memory"
+
+    def __init__(
+        self, spec: BucketSpec, max_clients: int = 100_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.spec = spec
+        self.clock = clock
+        slots = 1 << max(10, (2 * max_clients - 1).bit_length())  # at least twice the clients tracked
+        self._mask = slots - 1
+        total = slots + PROBE  # the probe window never wraps around
+        self._states_at = total * _HASH.size
+        size = self._states_at + total * _STATE.size
+        self._map = mmap.mmap(-1, size)  # anonymous and MAP_SHARED: forked processes see one table
+        self._lock = multiprocessing.get_context("fork").Lock()
+
+    async def check(self, key: str) -> Decision:
+        return self.check_now(key)
+
+    def check_now(self, key: str) -> Decision:
+        h = key_hash(key)
+        home = h & self._mask
+        spec = self.spec
+        table = self._map
+        lock = self._lock
+        if not lock.acquire(True, STALE_LOCK):
+            self._break_lock()
+        try:
+            now = self.clock()
+            hashes = _HASHES.unpack_from(table, home * _HASH.size)
+            try:
+                slot = home + hashes.index(h)
+                level, last = _STATE.unpack_from(table, self._states_at + slot * _STATE.size)
+            except ValueError:
+                slot = home + self._victim(hashes, home, now)
+                level, last = 0.0, now
+                _HASH.pack_into(table, slot * _HASH.size, h)
+            allowed, level = spec.take(level, last, now)
+            _STATE.pack_into(table, self._states_at + slot * _STATE.size, level, now)
+        finally:
+            lock.release()
+        return spec.decision(allowed, level)
+
+    def _break_lock(self) -> None:
+        log.error("rate-limit table lock held for %gs: a process died holding it; taking it over", STALE_LOCK)
+        try:
+            self._lock.release()
+        except ValueError:
+            pass  # released meanwhile after all
+        self._lock.acquire()
+
+    def _victim(self, hashes: tuple[int, ...], home: int, now: float) -> int:
+        """The window offset a new key takes: free, else drained, else least recently seen."""
+        try:
+            return hashes.index(0)
+        except ValueError:
+            pass
+        states = _STATES.unpack_from(self._map, self._states_at + home * _STATE.size)
+        drained = self.spec.drained
+        oldest, oldest_at = 0, float("inf")
+        for i in range(PROBE):
+            level, last = states[2 * i], states[2 * i + 1]
+            if drained(level, last, now) == 0.0:
+                return i
+            if last < oldest_at:
+                oldest, oldest_at = i, last
+        return oldest
+
+    def tracked(self) -> int:
+        """Buckets not yet drained (a scan of the table: for tests and debugging)."""
+        now = self.clock()
+        count = 0
+        for slot in range(self._mask + 1 + PROBE):
+            if _HASH.unpack_from(self._map, slot * _HASH.size)[0]:
+                level, last = _STATE.unpack_from(self._map, self._states_at + slot * _STATE.size)
+                count += self.spec.drained(level, last, now) > 0.0
+        return count
+
+    async def aclose(self) -> None:
+        """Nothing per process: the mapping goes with the last process that holds it."""

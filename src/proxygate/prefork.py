@@ -1,0 +1,252 @@
+"""Several processes serving one listener (`--workers N`), and the supervisor that keeps them running.
+
+One Python process tops out at one core; this is how the gateway uses more.
+The supervisor reserves the port, forks N processes that each listen on it
+with SO_REUSEPORT (the kernel spreads new connections over them), and then
+only relays signals and replaces a process that dies. What must be one
+across processes is made so before the fork: the memory rate limiter's
+buckets live in shared memory, and /metrics merges every process's
+snapshot. Redis limits are shared by nature. Each process keeps its own
+upstream pool and its own inference queue; a model worker's capacity is
+therefore tracked per process (see README, "Several processes").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import GatewaySettings
+from .listeners import open_listeners
+from .observability.metrics_exchange import MetricsExchange
+from .policy.ratelimit.bucket import BucketSpec
+from .policy.ratelimit.shared import SharedMemoryLimiter
+
+log = logging.getLogger("proxygate.prefork")
+
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+_POLL = 0.2
+# More failures than this within the window and the supervisor gives up.
+CRASH_LIMIT, CRASH_WINDOW = 5, 60.0
+# Beyond -shutdown-timeout, how long a draining process gets before SIGKILL.
+KILL_GRACE = 5.0
+# Observed from every process alike, so merged with max, not summed.
+OBSERVED_GAUGES = ("inference_worker_",)
+
+
+@dataclass(slots=True)
+class ChildContext:
+    index: int
+    listeners: list[socket.socket]
+    limiter: SharedMemoryLimiter | None
+    exchange: MetricsExchange
+    ready: Callable[[int], None]
+
+
+@dataclass(slots=True)
+class _Child:
+    index: int
+    pid: int
+    ready: bool = False
+
+
+def serve_child(settings: GatewaySettings, ctx: ChildContext) -> int:
+    """One serving process: the gateway on the shared listener."""
+    # Imported here: the supervisor itself never loads the event loop, gRPC
+    # or anything that starts threads, so forking it stays safe.
+    from .gateway import Gateway
+    from .observability.metrics import GatewayMetrics
+    from .runloop import run
+    from .server import serve
+
+    async def main() -> int:
+        gateway = Gateway(settings, metrics=GatewayMetrics(exchange=ctx.exchange), limiter=ctx.limiter)
+        return await serve(settings, gateway, listeners=ctx.listeners, on_listening=ctx.ready)
+
+    return run(main)
+
+
+class Supervisor:
+    def __init__(
+        self, settings: GatewaySettings, child_main: Callable[[GatewaySettings, ChildContext], int] = serve_child
+    ) -> None:
+        self.settings = settings
+        self.child_main = child_main
+        self.children: dict[int, _Child] = {}  # by pid
+        self.stopping = False
+        self.all_ready = False
+        self.crashes: list[float] = []
+        self.exit_code = 0
+
+    def run(self) -> int:
+        settings = self.settings
+        host, port = settings.listen
+        try:
+            self.reserved = open_listeners(host, port, reuse_port=True, listen=False)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", host, port, exc)
+            return 1
+        self.port = self.reserved[0].getsockname()[1]
+        self.metrics_dir = tempfile.mkdtemp(prefix="proxygate-metrics-")
+        self.limiter = (
+            SharedMemoryLimiter(
+                BucketSpec.per_minute(settings.rate_limit, settings.rate_burst), settings.rate_limit_max_clients
+            )
+            if settings.limiter == "memory"
+            else None
+        )
+        self.ready_r, self.ready_w = os.pipe()
+        os.set_blocking(self.ready_r, False)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            for index in range(settings.workers):
+                self._spawn(index)
+            return self._supervise()
+        finally:
+            for sock in self.reserved:
+                sock.close()
+            os.close(self.ready_r)
+            os.close(self.ready_w)
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    # ---- the children --------------------------------------------------------
+
+    def _spawn(self, index: int) -> None:
+        parent = os.getpid()
+        pid = os.fork()
+        if pid:
+            self.children[pid] = _Child(index, pid)
+            return
+        code = 1
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            _exit_with_parent(parent)
+            os.close(self.ready_r)
+            for sock in self.reserved:
+                sock.close()
+            host, _ = self.settings.listen
+            ctx = ChildContext(
+                index=index,
+                listeners=open_listeners(host, self.port, reuse_port=True),
+                limiter=self.limiter,
+                exchange=MetricsExchange(self.metrics_dir, index, OBSERVED_GAUGES),
+                ready=lambda _port: _write_index(self.ready_w, index),
+            )
+            code = self.child_main(self.settings, ctx)
+        except BaseException:
+            log.exception("serving process %d failed", index)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def _supervise(self) -> int:
+        kill_at = 0.0
+        while self.children:
+            info = signal.sigtimedwait(_SIGNALS, _POLL)
+            self._collect_ready()
+            self._reap()
+            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                if not self.stopping:
+                    log.info("stopping %d serving processes", len(self.children))
+                    self._stop()
+                    kill_at = time.monotonic() + self.settings.shutdown_timeout + KILL_GRACE
+            elif info is not None and info.si_signo == signal.SIGHUP:
+                self._signal_all(signal.SIGHUP)
+            if self.stopping and kill_at and time.monotonic() > kill_at:
+                log.warning("killing %d serving processes that did not stop", len(self.children))
+                self._signal_all(signal.SIGKILL)
+                kill_at = 0.0
+        return self.exit_code
+
+    def _collect_ready(self) -> None:
+        try:
+            data = os.read(self.ready_r, 4096)
+        except BlockingIOError:
+            return
+        indexes = set(data)
+        for child in self.children.values():
+            if child.index in indexes:
+                child.ready = True
+        if (
+            not self.all_ready
+            and len(self.children) == self.settings.workers
+            and all(c.ready for c in self.children.values())
+        ):
+            self.all_ready = True
+            host = self.reserved[0].getsockname()[0]
+            shown = host if ":" not in host else f"[{host}]"
+            log.info(
+                "listening on %s://%s:%d (%d processes)", self.settings.proto, shown, self.port, self.settings.workers
+            )
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                continue
+            if not self.all_ready:
+                # A process that cannot start (port, Redis, certificate) will
+                # not start on a second try either: stop, with its exit code.
+                log.error("serving process %d exited with %d while starting; stopping", child.index, code)
+                self.exit_code = code or 1
+                self._stop()
+                continue
+            now = time.monotonic()
+            self.crashes = [t for t in self.crashes if now - t < CRASH_WINDOW] + [now]
+            if len(self.crashes) > CRASH_LIMIT:
+                log.error("serving processes keep exiting (%d in %gs); stopping", len(self.crashes), CRASH_WINDOW)
+                self.exit_code = 1
+                self._stop()
+                continue
+            log.warning("serving process %d (pid %d) exited with %d; starting another", child.index, pid, code)
+            self._spawn(child.index)
+
+    def _stop(self) -> None:
+        self.stopping = True
+        self._signal_all(signal.SIGTERM)
+
+    def _signal_all(self, sig: int) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def _write_index(fd: int, index: int) -> None:
+    os.write(fd, bytes([index % 256]))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Have the kernel SIGTERM this process when the supervisor dies (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the prctl took effect
+        os._exit(1)
+
+
+def run_supervised(settings: GatewaySettings) -> int:
+    return Supervisor(settings).run()

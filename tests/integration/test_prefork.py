@@ -1,0 +1,124 @@
+"""`--workers N`: several processes on one listener, one rate-limit budget, one /metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from tests.support.gateway import GatewayProcess
+from tests.support.origin import Origin
+
+
+def children(gw: GatewayProcess) -> set[int]:
+    pid = gw.proc.pid
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return {int(p) for p in text.split()}
+
+
+def fresh_get(gw: GatewayProcess, url: str) -> requests.Response:
+    """One request on a new connection (each may land on another process)."""
+    with requests.Session() as s:
+        return s.get(url, proxies={"http": gw.proxy}, timeout=10, headers={"Connection": "close"})
+
+
+def process_of(response: requests.Response) -> str:
+    return response.headers["X-Request-ID"][:10]  # the per-process id prefix
+
+
+def test_processes_share_the_port_with_distinct_request_ids(start_gateway, origin: Origin) -> None:
+    gw = start_gateway("--workers", "2")
+    assert len(children(gw)) == 2
+    responses = [fresh_get(gw, f"{origin.url}/hello") for _ in range(40)]
+    assert all(r.status_code == 200 and r.text == "hello" for r in responses)
+    ids = [r.headers["X-Request-ID"] for r in responses]
+    assert len(set(ids)) == len(ids)
+    assert len({process_of(r) for r in responses}) == 2, "the kernel should spread 40 connections over both"
+
+
+def test_one_rate_limit_budget_across_processes(start_gateway, origin: Origin) -> None:
+    gw = start_gateway("--workers", "2", "-rate-limit", "60", "-rate-burst", "10")
+    responses = [fresh_get(gw, f"{origin.url}/hello") for _ in range(30)]
+    allowed = sum(r.status_code == 200 for r in responses)
+    # The burst, plus at most what drains (1/s) while the 30 requests run.
+    assert 10 <= allowed <= 12, [r.status_code for r in responses]
+    assert {r.status_code for r in responses} == {200, 429}
+    assert len({process_of(r) for r in responses}) == 2
+
+
+def test_metrics_cover_every_process(start_gateway, origin: Origin) -> None:
+    gw = start_gateway("--workers", "2")
+    responses = [fresh_get(gw, f"{origin.url}/status/202") for _ in range(30)]
+    assert all(r.status_code == 202 for r in responses)
+    assert len({process_of(r) for r in responses}) == 2
+    pattern = re.compile(r'^proxy_requests_total\{method="GET",status="202"\} (\S+)$', re.M)
+    deadline = time.monotonic() + 10
+    value = 0.0
+    while time.monotonic() < deadline:  # each process publishes its counts once a second
+        match = pattern.search(requests.get(f"{gw.proxy}/metrics", timeout=10).text)
+        value = float(match.group(1)) if match else 0.0
+        if value >= 30:
+            break
+        time.sleep(0.3)
+    assert value == 30.0
+    # Both processes wrote access-log lines to one stdout: none cut into another.
+    assert gw.stop() == 0
+    entries = [json.loads(line) for line in gw.log().splitlines()]
+    assert sum(e.get("msg") == "request" and e.get("status") == 202 for e in entries) == 30
+
+
+def test_sigterm_drains_every_process(start_gateway, origin: Origin) -> None:
+    gw = start_gateway("--workers", "2", "-shutdown-timeout", "20s")
+    pids = children(gw)
+    result: dict[str, object] = {}
+
+    def download() -> None:
+        try:
+            r = requests.get(f"{origin.url}/slow/10/3", proxies={"http": gw.proxy}, timeout=30)
+            result["chunks"] = r.text.count("chunk")
+        except Exception as exc:  # reported by the assertion below
+            result["error"] = exc
+
+    thread = threading.Thread(target=download)
+    thread.start()
+    time.sleep(0.5)
+    gw.signal(signal.SIGTERM)
+    thread.join(30)
+    assert result.get("chunks") == 10, result
+    assert gw.proc.wait(20) == 0
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+def test_a_killed_process_is_replaced(start_gateway, origin: Origin) -> None:
+    gw = start_gateway("--workers", "2")
+    before = children(gw)
+    victim = min(before)
+    subprocess.run(["kill", "-9", str(victim)], check=True)
+    gw.wait_log(r"exited with -9; starting another")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and (len(children(gw)) != 2 or victim in children(gw)):
+        time.sleep(0.1)
+    after = children(gw)
+    assert len(after) == 2 and victim not in after
+    time.sleep(1.0)  # the new process is listening once it has loaded
+    responses = [fresh_get(gw, f"{origin.url}/hello") for _ in range(20)]
+    assert all(r.status_code == 200 for r in responses)
+    gw.assert_alive()
+
+
+def test_a_process_that_cannot_start_stops_them_all(tmp_path: Path) -> None:
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "proxygate", "gateway", "--listen", "127.0.0.1:0", "--workers", "2"]
+    argv += ["-limiter", "redis", "-redis-addr", f"127.0.0.1:{port}", "--blocklist", str(tmp_path / "none.json")]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert "while starting; stopping" in out.stderr
