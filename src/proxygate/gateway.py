@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from .api import ApiRouter, origin_path
 from .config import GatewaySettings
@@ -113,12 +115,14 @@ class Gateway:
     async def handle(self, req: Request, conn: ClientConnection) -> None:
         if req.method == "CONNECT":
             host, port = parse_authority(req.target)
-            await self._rate_limit(req, "connect")
+            if (pending := self._rate_limit(req, "connect")) is not None:
+                await pending
             await self._connect(req, host, port, conn)
             return
         if req.target[:1] == b"/":
             path = origin_path(req.target)
-            await self._rate_limit(req, self._endpoint(path))
+            if (pending := self._rate_limit(req, self._endpoint(path))) is not None:
+                await pending
             await self.api.dispatch(req, path, conn)
             return
         if not req.is_absolute_form:
@@ -129,10 +133,12 @@ class Gateway:
         target = Target(req.target)
         if self.policy.names_own_listener(target.host, target.port):
             path = origin_path(target.path)
-            await self._rate_limit(req, self._endpoint(path))
+            if (pending := self._rate_limit(req, self._endpoint(path))) is not None:
+                await pending
             await self.api.dispatch(req, path, conn)
             return
-        await self._rate_limit(req, "proxy")
+        if (pending := self._rate_limit(req, "proxy")) is not None:
+            await pending
         if self.blocklist.current.is_blocked(target.host):
             self.metrics.blocked.inc()
             conn.send(403, [(b"Content-Type", b"text/html; charset=utf-8")], block_page(target.host))
@@ -160,10 +166,19 @@ class Gateway:
             return "openai"
         return "other"
 
-    async def _rate_limit(self, req: Request, endpoint: str) -> None:
-        if self.rate_limit is None or not endpoint:
-            return
-        decision = await self.rate_limit.admit(req, endpoint)
+    def _rate_limit(self, req: Request, endpoint: str) -> Coroutine[Any, Any, None] | None:
+        """Admit `req` or raise 429: decided on the spot (None) for in-process
+        stores, else a coroutine the caller awaits (Redis)."""
+        policy = self.rate_limit
+        if policy is None or not endpoint:
+            return None
+        if policy.check_now is not None:
+            req.extra_headers = policy.admit_now(req, endpoint).headers()
+            return None
+        return self._rate_limit_remote(policy, req, endpoint)
+
+    async def _rate_limit_remote(self, policy: RateLimitPolicy, req: Request, endpoint: str) -> None:
+        decision = await policy.admit(req, endpoint)
         if decision is not None:
             req.extra_headers = decision.headers()
 

@@ -10,6 +10,7 @@ outage rather than once per request.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from ...config import GatewaySettings
@@ -65,6 +66,17 @@ class RateLimitPolicy:
         self.metrics = metrics
         self.fail_open = fail_open
         self._outage = False
+        # In-process stores answer on the spot: no coroutine per request.
+        self.check_now: Callable[[str], Decision] | None = getattr(limiter, "check_now", None)
+
+    def admit_now(self, req: Request, endpoint: str) -> Decision:
+        """`admit` for a store with `check_now` (memory, shared memory)."""
+        assert self.check_now is not None
+        decision = self.check_now(self.identity.key(req.peer_ip, req.headers))
+        if not decision.allowed:
+            self.metrics.rate_limited.labels(endpoint).inc()
+            raise TooManyRequests("rate limit exceeded", headers=decision.headers())
+        return decision
 
     async def admit(self, req: Request, endpoint: str) -> Decision | None:
         """The decision for an admitted request (None if the store is down and we fail open)."""

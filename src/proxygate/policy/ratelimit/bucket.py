@@ -23,12 +23,12 @@ class Decision:
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         out = [
-            (b"X-RateLimit-Limit", str(self.limit).encode()),
-            (b"X-RateLimit-Remaining", str(self.remaining).encode()),
-            (b"X-RateLimit-Reset", str(math.ceil(self.reset_after)).encode()),
+            (b"X-RateLimit-Limit", b"%d" % self.limit),
+            (b"X-RateLimit-Remaining", b"%d" % self.remaining),
+            (b"X-RateLimit-Reset", b"%d" % math.ceil(self.reset_after)),
         ]
         if not self.allowed:
-            out.append((b"Retry-After", str(max(1, math.ceil(self.retry_after))).encode()))
+            out.append((b"Retry-After", b"%d" % max(1, math.ceil(self.retry_after))))
         return out
 
 

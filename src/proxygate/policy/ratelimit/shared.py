@@ -18,7 +18,6 @@ Times are CLOCK_MONOTONIC, which every process on the machine shares.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import mmap
 import multiprocessing
@@ -39,9 +38,13 @@ _STATE = struct.Struct("<dd")
 
 
 def key_hash(key: str) -> int:
-    """A stable 64-bit hash (never 0), the same in every process."""
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") or 1
+    """A 64-bit hash of `key`, never 0.
+
+    Python's str hash is salted per interpreter, and the salt is inherited
+    across fork: every process sharing a table is forked from the one that
+    made it, so they all agree (and it is computed once per str object).
+    """
+    return (hash(key) & 0xFFFF_FFFF_FFFF_FFFF) or 1
 
 
 class SharedMemoryLimiter:
