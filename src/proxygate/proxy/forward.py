@@ -16,7 +16,7 @@ import httptools
 
 from ..errors import BadGateway, BadRequest, GatewayTimeout
 from ..http.message import Headers, Request
-from .headers import end_to_end
+from .headers import HOP_BY_HOP, end_to_end, without_named
 from .upstream import ResponseHead, UpstreamClosed, UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 VIA = (b"Via", b"1.1 proxygate")
-_REQUEST_DROP = frozenset({b"host", b"expect", b"x-request-id", b"content-length"})
-_RESPONSE_DROP = frozenset({b"x-request-id"})
+# Besides the hop-by-hop ones, the headers we write ourselves.
+_REQUEST_SKIP = HOP_BY_HOP | {b"host", b"expect", b"x-request-id", b"content-length"}
 
 
 def _expire(fut: asyncio.Future[ResponseHead]) -> None:
@@ -86,7 +86,7 @@ class Forwarder:
         self.read_timeout = read_timeout or None
 
     def request_head(self, req: Request, target: Target) -> bytes:
-        headers = end_to_end(req.headers, drop=_REQUEST_DROP)
+        headers = end_to_end(req.headers, skip=_REQUEST_SKIP)
         lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (req.method.encode(), target.path, target.authority)]
         lines.extend(name + b": " + value + b"\r\n" for name, value in headers)
         if req.body is not None:
@@ -162,7 +162,7 @@ class Forwarder:
     async def _relay_response(
         self, req: Request, upstream: UpstreamConnection, head: ResponseHead, conn: ClientConnection
     ) -> None:
-        headers: Headers = end_to_end(head.headers, drop=_RESPONSE_DROP)
+        headers: Headers = without_named(head.headers, head.connection_named or set())
         headers.append(VIA)
         body = upstream.body
         assert body is not None

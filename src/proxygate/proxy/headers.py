@@ -19,18 +19,36 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+CONNECTION_HEADERS = frozenset({b"connection", b"proxy-connection"})
+# What a response loses on its way to the client: hop-by-hop headers, and the
+# request id (every response carries ours).
+RESPONSE_SKIP = HOP_BY_HOP | {b"x-request-id"}
 
 
-def end_to_end(headers: Headers, *, drop: frozenset[bytes] = frozenset()) -> Headers:
-    """The headers to forward: hop-by-hop ones removed, including every one the
-    `Connection` header names, and any in `drop` (lower-case names)."""
-    lowered = [name.lower() for name, _ in headers]
-    named: set[bytes] = set()
-    for lname, (_, value) in zip(lowered, headers, strict=True):
-        if lname == b"connection" or lname == b"proxy-connection":
-            named.update(t.strip().lower() for t in value.split(b","))
-    return [
-        header
-        for lname, header in zip(lowered, headers, strict=True)
-        if lname not in HOP_BY_HOP and lname not in drop and lname not in named
-    ]
+def connection_tokens(value: bytes) -> set[bytes]:
+    """The header names a `Connection` value lists (lower-case)."""
+    return {t.strip().lower() for t in value.split(b",")}
+
+
+def end_to_end(headers: Headers, *, skip: frozenset[bytes] = HOP_BY_HOP) -> Headers:
+    """The headers to forward: those in `skip` (lower-case names; HOP_BY_HOP
+    and any the caller re-writes itself) removed, and every one the
+    `Connection` header names."""
+    out: Headers = []
+    named: set[bytes] | None = None
+    for header in headers:
+        lname = header[0].lower()
+        if lname in skip:
+            if lname in CONNECTION_HEADERS:
+                named = (named or set()) | connection_tokens(header[1])
+            continue
+        out.append(header)
+    return without_named(out, named - skip) if named else out
+
+
+def without_named(headers: Headers, named: set[bytes]) -> Headers:
+    """`headers` less those a `Connection` header named (usually none are left
+    to remove: `keep-alive` and `close` are hop-by-hop anyway)."""
+    if not named:
+        return headers
+    return [h for h in headers if h[0].lower() not in named]

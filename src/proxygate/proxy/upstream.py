@@ -18,6 +18,7 @@ import httptools
 from ..http.flow import BodyBuffer, WriteFlow
 from ..http.message import Headers
 from .dial import Dialer
+from .headers import CONNECTION_HEADERS, RESPONSE_SKIP, connection_tokens
 
 Key = tuple[str, int]
 
@@ -26,10 +27,11 @@ Key = tuple[str, int]
 class ResponseHead:
     status: int
     version: bytes
-    headers: Headers
+    headers: Headers  # end-to-end only: RESPONSE_SKIP ones are dropped while parsing
     keep_alive: bool
     content_length: int | None
     chunked: bool
+    connection_named: set[bytes] | None  # names a Connection header listed: not forwarded either
 
 
 class UpstreamClosed(ConnectionResetError):
@@ -50,6 +52,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head: asyncio.Future[ResponseHead] | None = None
         self._head_only = False
         self._headers: Headers = []
+        self._named: set[bytes] | None = None
         self._content_length: int | None = None
         self._chunked = False
         self._informational = False
@@ -143,16 +146,23 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._headers = []
+        self._named = None
         self._content_length = None
         self._chunked = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        # Hop-by-hop headers are dropped here, while the name is lowered
+        # anyway, instead of in a second pass over the list.
         lname = name.lower()
         if lname == b"content-length":
             self._content_length = int(value)
-        elif lname == b"transfer-encoding":
-            self._chunked = b"chunked" in value.lower()
+        elif lname in RESPONSE_SKIP:
+            if lname == b"transfer-encoding":
+                self._chunked = b"chunked" in value.lower()
+            elif lname in CONNECTION_HEADERS:
+                self._named = (self._named or set()) | connection_tokens(value)
+            return
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -171,6 +181,7 @@ class UpstreamConnection(asyncio.Protocol):
             keep_alive=parser.should_keep_alive(),
             content_length=self._content_length,
             chunked=self._chunked,
+            connection_named=self._named - RESPONSE_SKIP if self._named else None,
         )
         no_body = self._head_only or status in (204, 304) or self._content_length == 0
         self.body = BodyBuffer(self.transport)
