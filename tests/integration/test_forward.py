@@ -200,6 +200,31 @@ def test_pool_keeps_a_connection_per_concurrent_client(gateway: GatewayProcess, 
     assert len(ports) <= clients, f"{len(ports)} upstream connections for {clients} concurrent clients"
 
 
+def test_origin_closing_mid_body_is_not_passed_off_as_complete(gateway: GatewayProcess) -> None:
+    # Head, a little of the promised body and the close all arrive together:
+    # the gateway must cut the client off, never end the response cleanly.
+    require_binary("curl", "curl")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        port = listener.getsockname()[1]
+        out = subprocess.run(
+            ["curl", "-sS", "-x", gateway.proxy, f"http://127.0.0.1:{port}/"], capture_output=True, timeout=30
+        )
+        thread.join(10)
+    assert out.returncode == 18, (out.returncode, out.stderr)  # CURLE_PARTIAL_FILE
+    assert out.stdout == b"x" * 10
+
+
 def test_refused_is_502_and_dial_timeout_is_504(start_gateway) -> None:
     gw = start_gateway("-dial-timeout", "500ms")
     closed = socket.socket()

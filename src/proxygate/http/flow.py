@@ -50,6 +50,11 @@ class BodyBuffer:
         return self._eof and not self._chunks
 
     @property
+    def complete(self) -> bool:
+        """Everything was read and the body ended normally (not by an error)."""
+        return self._eof and not self._chunks and self._exc is None
+
+    @property
     def finished_receiving(self) -> bool:
         return self._eof
 

@@ -182,8 +182,17 @@ class Forwarder:
         if no_body:
             conn.write(out)
             return
-        read_timeout = self.read_timeout
         data = body.read_nowait()
+        if body.complete:
+            # The whole body came with the head (most small responses): one
+            # write, no waiting on either side.
+            if chunked:
+                out += b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n"
+            else:
+                out += data
+            conn.write(out)
+            return
+        read_timeout = self.read_timeout
         while True:
             if data:
                 out += b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
