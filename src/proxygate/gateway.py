@@ -173,14 +173,14 @@ class Gateway:
         if policy is None or not endpoint:
             return None
         if policy.check_now is not None:
-            req.extra_headers = policy.admit_now(req, endpoint).headers()
+            req.extra_head = policy.admit_now(req, endpoint).head_lines()
             return None
         return self._rate_limit_remote(policy, req, endpoint)
 
     async def _rate_limit_remote(self, policy: RateLimitPolicy, req: Request, endpoint: str) -> None:
         decision = await policy.admit(req, endpoint)
         if decision is not None:
-            req.extra_headers = decision.headers()
+            req.extra_head = decision.head_lines()
 
     async def _connect(self, req: Request, host: str, port: int, conn: ClientConnection) -> None:
         conn.close_after = True

@@ -454,21 +454,17 @@ class ClientConnection(asyncio.Protocol):
         self.status = status
         if close:
             self.close_after = True
-        extra: Headers = []
-        version = b"1.1"
-        if req is not None:
-            extra.append((b"X-Request-ID", req.request_id.encode("ascii")))
-            if req.extra_headers:
-                extra += req.extra_headers
-            version = b"1.1" if req.version == b"1.1" else b"1.0"
-            if self.close_after or not req.keep_alive or self.draining:
-                extra.append((b"Connection", b"close"))
-            elif req.version == b"1.0":
-                extra.append((b"Connection", b"keep-alive"))
+        if req is None:
+            tail = b"X-Request-ID: %s\r\nConnection: close\r\n" % new_request_id().encode("ascii")
+            return render_head(b"1.1", status, headers, tail)
+        if self.close_after or not req.keep_alive or self.draining:
+            connection = b"Connection: close\r\n"
+        elif req.version == b"1.0":
+            connection = b"Connection: keep-alive\r\n"
         else:
-            extra.append((b"X-Request-ID", new_request_id().encode("ascii")))
-            extra.append((b"Connection", b"close"))
-        return render_head(version, status, headers + extra)
+            connection = b""
+        tail = b"X-Request-ID: %s\r\n%s%s" % (req.request_id.encode("ascii"), req.extra_head, connection)
+        return render_head(b"1.1" if req.version == b"1.1" else b"1.0", status, headers, tail)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:

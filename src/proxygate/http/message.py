@@ -78,8 +78,9 @@ class Request:
     content_length: int | None = None
     chunked: bool = False
     started: float = field(default_factory=time.perf_counter)
-    # Headers every response to this request carries (rate-limit state).
-    extra_headers: Headers = field(default_factory=list)
+    # Header lines every response to this request carries (rate-limit
+    # state), rendered once: `Name: value\r\n...`.
+    extra_head: bytes = b""
     # A client EOF means the client is gone (streams to people, not uploads
     # from half-closing scripts): stop the work instead of finishing it.
     abort_on_client_eof: bool = False
@@ -103,9 +104,15 @@ class ParseFailure:
     error: Exception
 
 
-def render_head(version: bytes, status: int, headers: Headers) -> bytes:
+def render_head(version: bytes, status: int, headers: Headers, tail: bytes = b"") -> bytes:
+    """Status line, `headers`, then `tail` (header lines already rendered) and the blank line."""
     parts = [status_line(version, status)]
     for name, value in headers:
         parts.append(name + b": " + value + b"\r\n")
+    parts.append(tail)
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def render_headers(headers: Headers) -> bytes:
+    return b"".join(name + b": " + value + b"\r\n" for name, value in headers)

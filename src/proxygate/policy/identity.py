@@ -20,6 +20,11 @@ class ClientIdentity:
     trusted: tuple[IPNetwork, ...] = ()
     ipv6_prefix: int = 128
 
+    @property
+    def is_peer_address(self) -> bool:
+        """Whether the key is always just the peer address (no trusted proxies, no IPv6 prefix)."""
+        return not self.trusted and self.ipv6_prefix >= 128
+
     def _is_trusted(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(ip in net for net in self.trusted)
 

@@ -39,7 +39,9 @@ async def open_tunnel(
     await dialer.open(host, port, lambda: tunnel)
     conn.response_started = True
     conn.status = 200
-    extra = b"".join(name + b": " + value + b"\r\n" for name, value in req.extra_headers)
-    conn.write(b"HTTP/1.1 200 Connection established\r\nX-Request-ID: %s\r\n%s\r\n" % (req.request_id.encode(), extra))
+    conn.write(
+        b"HTTP/1.1 200 Connection established\r\nX-Request-ID: %s\r\n%s\r\n"
+        % (req.request_id.encode(), req.extra_head)
+    )
     tunnel.start()
     return tunnel

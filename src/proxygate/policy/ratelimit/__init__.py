@@ -68,11 +68,13 @@ class RateLimitPolicy:
         self._outage = False
         # In-process stores answer on the spot: no coroutine per request.
         self.check_now: Callable[[str], Decision] | None = getattr(limiter, "check_now", None)
+        self._peer_keyed = identity.is_peer_address
 
     def admit_now(self, req: Request, endpoint: str) -> Decision:
         """`admit` for a store with `check_now` (memory, shared memory)."""
         assert self.check_now is not None
-        decision = self.check_now(self.identity.key(req.peer_ip, req.headers))
+        key = req.peer_ip if self._peer_keyed else self.identity.key(req.peer_ip, req.headers)
+        decision = self.check_now(key)
         if not decision.allowed:
             self.metrics.rate_limited.labels(endpoint).inc()
             raise TooManyRequests("rate limit exceeded", headers=decision.headers())

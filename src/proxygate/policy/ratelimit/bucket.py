@@ -21,6 +21,14 @@ class Decision:
     retry_after: float  # seconds until one more request fits (0 when allowed)
     reset_after: float  # seconds until the bucket is empty again
 
+    def head_lines(self) -> bytes:
+        """The X-RateLimit-* headers of an admitted request, rendered."""
+        return b"X-RateLimit-Limit: %d\r\nX-RateLimit-Remaining: %d\r\nX-RateLimit-Reset: %d\r\n" % (
+            self.limit,
+            self.remaining,
+            math.ceil(self.reset_after),
+        )
+
     def headers(self) -> list[tuple[bytes, bytes]]:
         out = [
             (b"X-RateLimit-Limit", b"%d" % self.limit),
