@@ -40,8 +40,7 @@ async def open_tunnel(
     conn.response_started = True
     conn.status = 200
     conn.write(
-        b"HTTP/1.1 200 Connection established\r\nX-Request-ID: %s\r\n%s\r\n"
-        % (req.request_id.encode(), req.extra_head)
+        b"HTTP/1.1 200 Connection established\r\nX-Request-ID: %s\r\n%s\r\n" % (req.request_id.encode(), req.extra_head)
     )
     tunnel.start()
     return tunnel
