@@ -62,33 +62,50 @@ class SharedMemoryLimiter:
         size = self._states_at + total * _STATE.size
         self._map = mmap.mmap(-1, size)  # anonymous and MAP_SHARED: forked processes see one table
         self._lock = multiprocessing.get_context("fork").Lock()
+        # Per process: where a key was last found, checked against the
+        # slot's hash before use (another process may have reused the slot).
+        self._where: dict[str, int] = {}
+        self._where_cap = max_clients
 
     async def check(self, key: str) -> Decision:
         return self.check_now(key)
 
     def check_now(self, key: str) -> Decision:
         h = key_hash(key)
-        home = h & self._mask
         spec = self.spec
         table = self._map
         lock = self._lock
+        slot = self._where.get(key, -1)
         if not lock.acquire(True, STALE_LOCK):
             self._break_lock()
         try:
             now = self.clock()
-            hashes = _HASHES.unpack_from(table, home * _HASH.size)
-            try:
-                slot = home + hashes.index(h)
+            if slot >= 0 and _HASH.unpack_from(table, slot * _HASH.size)[0] == h:
                 level, last = _STATE.unpack_from(table, self._states_at + slot * _STATE.size)
-            except ValueError:
-                slot = home + self._victim(hashes, home, now)
-                level, last = 0.0, now
-                _HASH.pack_into(table, slot * _HASH.size, h)
+            else:
+                slot, level, last = self._find(h, now)
+                if len(self._where) >= self._where_cap:
+                    self._where.clear()
+                self._where[key] = slot
             allowed, level = spec.take(level, last, now)
             _STATE.pack_into(table, self._states_at + slot * _STATE.size, level, now)
         finally:
             lock.release()
         return spec.decision(allowed, level)
+
+    def _find(self, h: int, now: float) -> tuple[int, float, float]:
+        """(slot, level, last) of hash `h`, claiming a slot in its window if it has none."""
+        table = self._map
+        home = h & self._mask
+        hashes = _HASHES.unpack_from(table, home * _HASH.size)
+        try:
+            slot = home + hashes.index(h)
+        except ValueError:
+            slot = home + self._victim(hashes, home, now)
+            _HASH.pack_into(table, slot * _HASH.size, h)
+            return slot, 0.0, now
+        level, last = _STATE.unpack_from(table, self._states_at + slot * _STATE.size)
+        return slot, level, last
 
     def _break_lock(self) -> None:
         log.error("rate-limit table lock held for %gs: a process died holding it; taking it over", STALE_LOCK)
