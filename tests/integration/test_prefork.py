@@ -13,8 +13,10 @@ from pathlib import Path
 
 import requests
 
+from tests.conftest import require_binary
 from tests.support.gateway import GatewayProcess
 from tests.support.origin import Origin
+from tests.support.worker import WorkerProcess
 
 
 def children(gw: GatewayProcess) -> set[int]:
@@ -122,3 +124,57 @@ def test_a_process_that_cannot_start_stops_them_all(tmp_path: Path) -> None:
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1, out.stderr
     assert "while starting; stopping" in out.stderr
+
+
+def test_tls_listener_in_every_process(
+    start_gateway, server_cert_files: tuple[str, str], ca_file: str, origin: Origin
+) -> None:
+    pem, key = server_cert_files
+    gw = start_gateway("--workers", "2", "-proto", "https", "-pem", pem, "-key", key)
+    curl = require_binary("curl", "curl")
+    prefixes = set()
+    for _ in range(16):
+        out = subprocess.run(
+            [
+                curl,
+                "-sS",
+                "-D",
+                "-",
+                "--proxy-cacert",
+                ca_file,
+                "-x",
+                f"https://127.0.0.1:{gw.port}",
+                f"{origin.url}/hello",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert out.returncode == 0 and out.stdout.endswith("hello"), out.stderr
+        prefixes.add(re.search(r"(?im)^x-request-id: (\S{10})", out.stdout).group(1))  # type: ignore[union-attr]
+    assert len(prefixes) == 2
+
+
+def test_inference_through_every_process(start_gateway, tmp_path: Path) -> None:
+    worker = WorkerProcess(["--engine", "echo"], tmp_path / "worker.log")
+    try:
+        gw = start_gateway("--workers", "2", "-worker-addrs", worker.addr)
+        deadline = time.monotonic() + 15
+        while True:  # each process learns the worker's health by itself
+            responses = [
+                requests.post(
+                    f"{gw.proxy}/v1/inference",
+                    json={"prompt": "one two", "max_tokens": 5},
+                    headers={"Connection": "close"},
+                    timeout=30,
+                )
+                for _ in range(16)
+            ]
+            if all(r.status_code == 200 for r in responses) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert [r.status_code for r in responses] == [200] * 16
+        assert all('"finished":true' in r.text.replace(" ", "") and "one " in r.text for r in responses)
+        assert len({process_of(r) for r in responses}) == 2
+    finally:
+        worker.stop()
