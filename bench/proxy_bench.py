@@ -341,6 +341,10 @@ def bench_target(name: str, proxy_port: int | None, origin_port: int, args: argp
     return result
 
 
+def _num(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
 def table(results: list[dict]) -> str:
     lines = [
         "| target | c=1 req/s | c=1 p50/p99 ms | c=16 req/s | c=16 p99 ms | c=64 req/s | c=64 p50/p99 ms "
@@ -352,8 +356,8 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"| {r['name']} | {c1['rps']:.0f} | {c1['p50_ms']:.2f}/{c1['p99_ms']:.2f} | {c16['rps']:.0f} "
             f"| {c16['p99_ms']:.2f} | {c64['rps']:.0f} | {c64['p50_ms']:.2f}/{c64['p99_ms']:.2f} "
-            f"| {r['c64_close_rps']:.0f} | {r['1mib_mb_s']:.0f} | {r.get('connect_per_s', float('nan')):.0f} | {r['tunnel_mb_s']:.0f} "
-            f"| {r.get('rss_mib', float('nan')):.1f} |"
+            f"| {r['c64_close_rps']:.0f} | {r['1mib_mb_s']:.0f} | {_num(r.get('connect_per_s'), '.0f')} | {r['tunnel_mb_s']:.0f} "
+            f"| {_num(r.get('rss_mib'), '.1f')} |"
         )
     return "\n".join(lines)
 
