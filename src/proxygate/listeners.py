@@ -53,3 +53,9 @@ def open_listeners(host: str, port: int, *, reuse_port: bool = False, listen: bo
             sock.close()
         raise
     return socks
+
+
+def listening_url(proto: str, sock: socket.socket) -> str:
+    """`http://127.0.0.1:8080`, `http://[::1]:8080`: what the log says we listen on."""
+    host, port = sock.getsockname()[:2]
+    return f"{proto}://{f'[{host}]' if ':' in host else host}:{port}"

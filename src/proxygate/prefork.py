@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import GatewaySettings
-from .listeners import open_listeners
+from .listeners import listening_url, open_listeners
 from .observability.metrics_exchange import MetricsExchange
 from .policy.ratelimit.bucket import BucketSpec
 from .policy.ratelimit.shared import SharedMemoryLimiter
@@ -183,11 +183,8 @@ class Supervisor:
             and all(c.ready for c in self.children.values())
         ):
             self.all_ready = True
-            host = self.reserved[0].getsockname()[0]
-            shown = host if ":" not in host else f"[{host}]"
-            log.info(
-                "listening on %s://%s:%d (%d processes)", self.settings.proto, shown, self.port, self.settings.workers
-            )
+            url = listening_url(self.settings.proto, self.reserved[0])
+            log.info("listening on %s (%d processes)", url, self.settings.workers)
 
     def _reap(self) -> None:
         while self.children:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from .config import GatewaySettings
 from .gateway import Gateway
 from .http.connection import ClientConnection
-from .listeners import open_listeners
+from .listeners import listening_url, open_listeners
 from .policy.blocklist import BlocklistError
 from .policy.ratelimit import LimiterUnavailable, MemoryLimiter, RedisLimiter
 
@@ -99,8 +99,7 @@ async def serve(
     if on_listening is not None:
         on_listening(bound[1])
     else:
-        shown_host = bound[0] if ":" not in bound[0] else f"[{bound[0]}]"
-        log.info("listening on %s://%s:%d", settings.proto, shown_host, bound[1])
+        log.info("listening on %s", listening_url(settings.proto, socks[0]))
 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -6,14 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import requests
 
 from tests.conftest import require_binary
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import BackgroundGet, GatewayProcess
 from tests.support.origin import Origin
 
 
@@ -119,18 +118,7 @@ def test_https_listener(
 
 def test_graceful_shutdown_finishes_slow_download(start_gateway, origin: Origin) -> None:
     gw = start_gateway("-shutdown-timeout", "20s")
-    result: dict[str, object] = {}
-
-    def download() -> None:
-        try:
-            r = requests.get(f"{origin.url}/slow/10/3", proxies={"http": gw.proxy}, timeout=30)
-            result["status"] = r.status_code
-            result["chunks"] = r.text.count("chunk")
-        except Exception as exc:  # reported by the assertions below
-            result["error"] = exc
-
-    thread = threading.Thread(target=download)
-    thread.start()
+    download = BackgroundGet(gw, f"{origin.url}/slow/10/3")
     time.sleep(0.5)
     idle = gw.connect()  # an idle keep-alive connection is closed at once
     gw.signal(signal.SIGTERM)
@@ -144,28 +132,18 @@ def test_graceful_shutdown_finishes_slow_download(start_gateway, origin: Origin)
     assert refused, "new connections must be refused while draining"
     idle.settimeout(5)
     assert idle.recv(10) == b""
-    thread.join(30)
+    result = download.join()
     assert result.get("status") == 200 and result.get("chunks") == 10, result
     assert gw.proc.wait(20) == 0
 
 
 def test_shutdown_timeout_cuts_what_is_left(start_gateway, origin: Origin) -> None:
     gw = start_gateway("-shutdown-timeout", "1s")
-    result: dict[str, object] = {}
-
-    def download() -> None:
-        try:
-            r = requests.get(f"{origin.url}/slow/10/6", proxies={"http": gw.proxy}, timeout=30)
-            result["chunks"] = r.text.count("chunk")
-        except Exception as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=download)
-    thread.start()
+    download = BackgroundGet(gw, f"{origin.url}/slow/10/6")
     time.sleep(0.5)
     start = time.monotonic()
     gw.signal(signal.SIGTERM)
     assert gw.proc.wait(20) == 0
     assert time.monotonic() - start < 5
-    thread.join(30)
+    result = download.join()
     assert "error" in result or result.get("chunks", 10) < 10  # type: ignore[operator]

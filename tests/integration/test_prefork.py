@@ -7,14 +7,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import requests
 
 from tests.conftest import require_binary
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import BackgroundGet, GatewayProcess
 from tests.support.origin import Origin
 from tests.support.worker import WorkerProcess
 
@@ -79,20 +78,10 @@ def test_metrics_cover_every_process(start_gateway, origin: Origin) -> None:
 def test_sigterm_drains_every_process(start_gateway, origin: Origin) -> None:
     gw = start_gateway("--workers", "2", "-shutdown-timeout", "20s")
     pids = children(gw)
-    result: dict[str, object] = {}
-
-    def download() -> None:
-        try:
-            r = requests.get(f"{origin.url}/slow/10/3", proxies={"http": gw.proxy}, timeout=30)
-            result["chunks"] = r.text.count("chunk")
-        except Exception as exc:  # reported by the assertion below
-            result["error"] = exc
-
-    thread = threading.Thread(target=download)
-    thread.start()
+    download = BackgroundGet(gw, f"{origin.url}/slow/10/3")
     time.sleep(0.5)
     gw.signal(signal.SIGTERM)
-    thread.join(30)
+    result = download.join()
     assert result.get("chunks") == 10, result
     assert gw.proc.wait(20) == 0
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)

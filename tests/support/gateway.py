@@ -8,8 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+import requests
 
 LISTENING = re.compile(r"listening on (https?)://127\.0\.0\.1:(\d+)")
 
@@ -140,3 +143,25 @@ class RawResponses:
 
 def read_response(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
     return RawResponses(sock, timeout).next()
+
+
+class BackgroundGet:
+    """A GET through the gateway in a thread, for shutdown tests: its status
+    and the chunks of `/slow/...` it received, or the error it ended with."""
+
+    def __init__(self, gw: GatewayProcess, url: str) -> None:
+        self.result: dict[str, object] = {}
+        self._thread = threading.Thread(target=self._get, args=(gw.proxy, url))
+        self._thread.start()
+
+    def _get(self, proxy: str, url: str) -> None:
+        try:
+            r = requests.get(url, proxies={"http": proxy}, timeout=30)
+            self.result["status"] = r.status_code
+            self.result["chunks"] = r.text.count("chunk")
+        except Exception as exc:  # reported by the caller's assertions
+            self.result["error"] = exc
+
+    def join(self, timeout: float = 30) -> dict[str, object]:
+        self._thread.join(timeout)
+        return self.result

@@ -112,7 +112,3 @@ def render_head(version: bytes, status: int, headers: Headers, tail: bytes = b""
     parts.append(tail)
     parts.append(b"\r\n")
     return b"".join(parts)
-
-
-def render_headers(headers: Headers) -> bytes:
-    return b"".join(name + b": " + value + b"\r\n" for name, value in headers)
