@@ -65,16 +65,22 @@ class AccessLog:
         self._fd = sys.stdout.fileno() if stream is None else -1
         self._lines: list[bytes] = []
         self._pending = 0
+        self._ms = -1
         self._second = -1
+        self._day_time = ""
         self._stamp = ""
 
     def _timestamp(self) -> str:
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int(now * 1000) % 1000:03d}Z"
+        # Many requests end within one millisecond: the string is made once per ms.
+        ms = int(time.time() * 1000)
+        if ms != self._ms:
+            self._ms = ms
+            second = ms // 1000
+            if second != self._second:
+                self._second = second
+                self._day_time = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._stamp = f"{self._day_time}.{ms % 1000:03d}Z"
+        return self._stamp
 
     def write(
         self,
@@ -97,14 +103,14 @@ class AccessLog:
                 f'{{"time":"{stamp}","level":"info","msg":"request","request_id":"{request_id}",'
                 f'"status":{status},"method":"{method}","host":{_json_str(host)},'
                 f'"path":{_json_str(path)},"client_ip":"{client_ip}","duration_ms":{duration_ms:.3f},'
-                f'"bytes_in":{bytes_in},"bytes_out":{bytes_out}}}'
+                f'"bytes_in":{bytes_in},"bytes_out":{bytes_out}}}\n'
             )
         else:
             line = (
                 f"{stamp} {client_ip} {request_id} {method} {host}{path} {status} "
-                f"{duration_ms:.1f}ms in={bytes_in} out={bytes_out}"
+                f"{duration_ms:.1f}ms in={bytes_in} out={bytes_out}\n"
             )
-        data = (line + "\n").encode("utf-8", "replace")
+        data = line.encode("utf-8", "replace")
         self._lines.append(data)
         self._pending += len(data)
         if self._pending >= _FLUSH_AT:
