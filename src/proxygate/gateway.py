@@ -18,6 +18,7 @@ from .config import GatewaySettings
 from .errors import BadRequest, DestinationDenied, HttpError
 from .http.connection import ClientConnection
 from .http.message import Request
+from .http.write_batch import WriteBatch
 from .inference.api import SeedInferenceApi
 from .inference.metrics import InferenceMetrics
 from .inference.openai_api import OpenAiApi
@@ -51,7 +52,9 @@ class Gateway:
         self.blocklist = BlocklistFile(settings.blocklist)
         self.policy = DestinationPolicy.from_settings(settings)
         self.dialer = Dialer(self.policy, settings.dial_timeout)
-        self.pool = UpstreamPool(self.dialer, settings.upstream_idle_per_host, settings.idle_timeout)
+        # One per process: small writes of a loop pass go out together.
+        self.writes = WriteBatch()
+        self.pool = UpstreamPool(self.dialer, settings.upstream_idle_per_host, settings.idle_timeout, self.writes)
         self.forwarder = Forwarder(self.pool, settings.read_timeout)
         self.limiter = limiter if limiter is not None else build_limiter(settings)
         self.rate_limit = (

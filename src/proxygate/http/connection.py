@@ -21,6 +21,7 @@ import httptools
 from ..errors import BadRequest, HeadersTooLarge, HttpError, RequestTimeout, WriteStalled
 from .flow import BodyBuffer, WriteFlow
 from .message import Headers, ParseFailure, Request, new_request_id, pick_request_id, render_head
+from .write_batch import WriteBatch
 
 if TYPE_CHECKING:
     from ..config import GatewaySettings
@@ -35,6 +36,7 @@ _NO_TIMER, _READ_TIMER, _IDLE_TIMER = 0, 1, 2
 
 class Application(Protocol):
     settings: GatewaySettings
+    writes: WriteBatch
 
     async def handle(self, request: Request, conn: ClientConnection) -> None: ...
 
@@ -63,6 +65,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, app: Application) -> None:
         self.app = app
         self.settings = app.settings
+        self.writes = app.writes
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer_ip = ""
@@ -145,6 +148,7 @@ class ClientConnection(asyncio.Protocol):
             self.relay.client_resumed_writing()
 
     def eof_received(self) -> bool | None:
+        self.writes.flush()  # whatever happens next, what we wrote goes first
         if self.relay is not None:
             self.relay.client_eof()
             return True  # keep our sending half open: half-close
@@ -469,7 +473,7 @@ class ClientConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.bytes_out += len(data)
-            self.transport.write(data)
+            self.writes.write(self.transport, data)
 
     async def drain(self) -> None:
         await self.flow.drain(self.settings.write_timeout)
@@ -514,6 +518,7 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self.writes.flush()
             self.transport.close()
 
     def abort(self) -> None:

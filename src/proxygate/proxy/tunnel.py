@@ -47,6 +47,7 @@ class Tunnel(asyncio.Protocol):
         if self._client_eof or client_transport is None or not client_transport.can_write_eof():
             self._finish("closed")
             return False
+        self.client.writes.flush()
         client_transport.write_eof()
         return True
 

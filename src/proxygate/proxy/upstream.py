@@ -17,6 +17,7 @@ import httptools
 
 from ..http.flow import BodyBuffer, WriteFlow
 from ..http.message import Headers
+from ..http.write_batch import WriteBatch
 from .dial import Dialer
 from .headers import CONNECTION_HEADERS, RESPONSE_SKIP, connection_tokens
 
@@ -39,8 +40,9 @@ class UpstreamClosed(ConnectionResetError):
 
 
 class UpstreamConnection(asyncio.Protocol):
-    def __init__(self, key: Key) -> None:
+    def __init__(self, key: Key, writes: WriteBatch) -> None:
         self.key = key
+        self._writes = writes
         # Kept: asyncio.get_event_loop() costs a getpid() syscall per call.
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -77,7 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is None or self.closed:
             raise UpstreamClosed("upstream connection closed")
-        self.transport.write(data)
+        self._writes.write(self.transport, data)
 
     def park(self) -> None:
         """Between exchanges: any byte that arrives now is a protocol error."""
@@ -216,6 +218,7 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
+            self._writes.flush()
             self.transport.close()
 
     def abort(self) -> None:
@@ -227,8 +230,9 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Idle keep-alive connections per host:port, bounded, dropped when stale."""
 
-    def __init__(self, dialer: Dialer, idle_per_host: int, idle_timeout: float) -> None:
+    def __init__(self, dialer: Dialer, idle_per_host: int, idle_timeout: float, writes: WriteBatch) -> None:
         self.dialer = dialer
+        self.writes = writes
         self.idle_per_host = idle_per_host
         self.idle_timeout = idle_timeout or 60.0
         self._idle: dict[Key, deque[UpstreamConnection]] = {}
@@ -244,7 +248,7 @@ class UpstreamPool:
                 if not conn.closed and now - conn.idle_since < self.idle_timeout:
                     return conn, True
                 conn.close()
-        _transport, conn = await self.dialer.open(host, port, lambda: UpstreamConnection(key))
+        _transport, conn = await self.dialer.open(host, port, lambda: UpstreamConnection(key, self.writes))
         return conn, False
 
     def release(self, conn: UpstreamConnection) -> None:
