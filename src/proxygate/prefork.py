@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from .config import GatewaySettings
 from .listeners import listening_url, open_listeners
 from .observability.metrics_exchange import MetricsExchange
-from .policy.ratelimit.bucket import BucketSpec
-from .policy.ratelimit.shared import SharedMemoryLimiter
+from .policy.ratelimit import RateLimiter, build_limiter
 
 log = logging.getLogger("proxygate.prefork")
 
@@ -47,7 +46,7 @@ OBSERVED_GAUGES = ("inference_worker_",)
 class ChildContext:
     index: int
     listeners: list[socket.socket]
-    limiter: SharedMemoryLimiter | None
+    limiter: RateLimiter | None  # shared by every process; None: each makes its own
     exchange: MetricsExchange
     ready: Callable[[int], None]
 
@@ -97,13 +96,9 @@ class Supervisor:
             return 1
         self.port = self.reserved[0].getsockname()[1]
         self.metrics_dir = tempfile.mkdtemp(prefix="proxygate-metrics-")
-        self.limiter = (
-            SharedMemoryLimiter(
-                BucketSpec.per_minute(settings.rate_limit, settings.rate_burst), settings.rate_limit_max_clients
-            )
-            if settings.limiter == "memory"
-            else None
-        )
+        # Memory limits are made here, in shared memory, so that every process
+        # forked below uses one table; Redis limits are made per process.
+        self.limiter = build_limiter(settings, processes=settings.workers) if settings.limiter == "memory" else None
         self.ready_r, self.ready_w = os.pipe()
         os.set_blocking(self.ready_r, False)
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from .config import GatewaySettings
 from .gateway import Gateway
 from .http.connection import ClientConnection
-from .listeners import listening_url, open_listeners
+from .listeners import BACKLOG, listening_url, open_listeners
 from .policy.blocklist import BlocklistError
 from .policy.ratelimit import LimiterUnavailable, MemoryLimiter, RedisLimiter
 
@@ -88,7 +88,7 @@ async def serve(
     try:
         socks = listeners if listeners is not None else open_listeners(host, port)
         servers = [
-            await loop.create_server(lambda: ClientConnection(gateway), sock=sock, ssl=ssl_ctx, backlog=2048)
+            await loop.create_server(lambda: ClientConnection(gateway), sock=sock, ssl=ssl_ctx, backlog=BACKLOG)
             for sock in socks
         ]
     except OSError as exc:

@@ -508,6 +508,15 @@ class ClientConnection(asyncio.Protocol):
             sink.from_client(tail)
         self._resume_reading()
 
+    def write_eof(self) -> bool:
+        """Half-close towards the client, after everything written; False if it cannot be done."""
+        transport = self.transport
+        if transport is None or not transport.can_write_eof():
+            return False
+        self.writes.flush()
+        transport.write_eof()
+        return True
+
     def pause_client_reading(self) -> None:
         self._pause_reading()
 

@@ -162,7 +162,7 @@ class Forwarder:
     async def _relay_response(
         self, req: Request, upstream: UpstreamConnection, head: ResponseHead, conn: ClientConnection
     ) -> None:
-        headers: Headers = without_named(head.headers, head.connection_named or set())
+        headers: Headers = without_named(head.headers, head.connection_named)
         headers.append(VIA)
         body = upstream.body
         assert body is not None

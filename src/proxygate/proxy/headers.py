@@ -43,10 +43,10 @@ def end_to_end(headers: Headers, *, skip: frozenset[bytes] = HOP_BY_HOP) -> Head
                 named = (named or set()) | connection_tokens(header[1])
             continue
         out.append(header)
-    return without_named(out, named - skip) if named else out
+    return without_named(out, named - skip if named else None)
 
 
-def without_named(headers: Headers, named: set[bytes]) -> Headers:
+def without_named(headers: Headers, named: set[bytes] | None) -> Headers:
     """`headers` less those a `Connection` header named (usually none are left
     to remove: `keep-alive` and `close` are hop-by-hop anyway)."""
     if not named:

@@ -43,12 +43,9 @@ class Tunnel(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._upstream_eof = True
-        client_transport = self.client.transport
-        if self._client_eof or client_transport is None or not client_transport.can_write_eof():
+        if self._client_eof or not self.client.write_eof():
             self._finish("closed")
             return False
-        self.client.writes.flush()
-        client_transport.write_eof()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:

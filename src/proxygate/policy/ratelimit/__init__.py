@@ -21,6 +21,7 @@ from ..identity import ClientIdentity
 from .bucket import BucketSpec, Decision
 from .memory import MemoryLimiter
 from .redis_store import LimiterUnavailable, RedisLimiter
+from .shared import SharedMemoryLimiter
 
 log = logging.getLogger("proxygate.ratelimit")
 
@@ -44,12 +45,16 @@ class RateLimiter(Protocol):
     async def aclose(self) -> None: ...
 
 
-def build_limiter(settings: GatewaySettings) -> RateLimiter | None:
+def build_limiter(settings: GatewaySettings, *, processes: int = 1) -> RateLimiter | None:
+    """The store `settings` ask for; with several processes the memory store
+    lives in shared memory (make it before they fork)."""
     spec = BucketSpec.per_minute(settings.rate_limit, settings.rate_burst)
     if settings.limiter == "none":
         return None
     if settings.limiter == "redis":
         return RedisLimiter(spec, settings.redis_addr, settings.redis_timeout)
+    if processes > 1:
+        return SharedMemoryLimiter(spec, settings.rate_limit_max_clients)
     return MemoryLimiter(spec, settings.rate_limit_max_clients)
 
 
@@ -73,18 +78,12 @@ class RateLimitPolicy:
     def admit_now(self, req: Request, endpoint: str) -> Decision:
         """`admit` for a store with `check_now` (memory, shared memory)."""
         assert self.check_now is not None
-        key = req.peer_ip if self._peer_keyed else self.identity.key(req.peer_ip, req.headers)
-        decision = self.check_now(key)
-        if not decision.allowed:
-            self.metrics.rate_limited.labels(endpoint).inc()
-            raise TooManyRequests("rate limit exceeded", headers=decision.headers())
-        return decision
+        return self._verdict(self.check_now(self._key(req)), endpoint)
 
     async def admit(self, req: Request, endpoint: str) -> Decision | None:
         """The decision for an admitted request (None if the store is down and we fail open)."""
-        key = self.identity.key(req.peer_ip, req.headers)
         try:
-            decision = await self.limiter.check(key)
+            decision = await self.limiter.check(self._key(req))
         except LimiterUnavailable as exc:
             self.metrics.rate_limiter_errors.inc()
             if not self._outage:
@@ -100,6 +99,13 @@ class RateLimitPolicy:
         if self._outage:
             self._outage = False
             log.warning("rate limiter store recovered")
+        return self._verdict(decision, endpoint)
+
+    def _key(self, req: Request) -> str:
+        return req.peer_ip if self._peer_keyed else self.identity.key(req.peer_ip, req.headers)
+
+    def _verdict(self, decision: Decision, endpoint: str) -> Decision:
+        """`decision` if it admits; else counted and raised as 429."""
         if not decision.allowed:
             self.metrics.rate_limited.labels(endpoint).inc()
             raise TooManyRequests("rate limit exceeded", headers=decision.headers())
