@@ -79,6 +79,13 @@ def parse_workers(text: str) -> int:
     return value
 
 
+def parse_step_tokens(text: str) -> int:
+    value = parse_positive_int(text)
+    if value < 16:
+        raise ValueError(f"must be at least 16, got {value}")
+    return value
+
+
 def parse_ipv6_prefix(text: str) -> int:
     value = parse_positive_int(text)
     if value > 128:
@@ -348,7 +355,16 @@ WORKER_FLAGS: tuple[Flag, ...] = (
     Flag("host", "0.0.0.0", str, "address to listen on"),
     Flag("port", "50051", parse_port, "gRPC port (0: any free port)"),
     Flag("device", "cpu", parse_choice("cpu", "cuda"), "hf: torch device"),
-    Flag("dtype", "bfloat16", parse_choice("float32", "bfloat16"), "hf: weight dtype"),
+    Flag(
+        "dtype",
+        "bfloat16",
+        parse_choice("float32", "bfloat16", "float16"),
+        "hf: weight dtype (on a CPU, activations and KV are float32 whatever it is)",
+    ),
+    Flag("quantize", "none", parse_choice("none", "int8"), "hf: int8 = weight-only int8 linear layers"),
+    Flag("max-model-len", "2048", parse_positive_int, "hf: tokens per sequence, prompt + output (KV slot size)"),
+    Flag("max-step-tokens", "128", parse_step_tokens, "hf: tokens one engine step computes (prompt chunks + decodes)"),
+    Flag("prefix-cache-mb", "256", parse_non_negative_int, "hf: memory for cached prompt-prefix KV (0: off)"),
     Flag("threads", "0", parse_non_negative_int, "hf: torch threads (0: torch's default)"),
     Flag("latency", "0", parse_duration, "echo: seconds per token (e.g. 0.05 or 50ms)"),
     Flag("max-concurrency", "4", parse_positive_int, "sequences run at once"),
@@ -366,6 +382,10 @@ class WorkerSettings:
     port: int = 50051
     device: str = "cpu"
     dtype: str = "bfloat16"
+    quantize: str = "none"
+    max_model_len: int = 2048
+    max_step_tokens: int = 128
+    prefix_cache_mb: int = 256
     threads: int = 0
     latency: float = 0.0
     max_concurrency: int = 4

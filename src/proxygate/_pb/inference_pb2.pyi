@@ -43,7 +43,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class TokenResponse(_message.Message):
-    __slots__ = ("request_id", "token", "finished", "error", "token_count", "finish_reason", "prompt_tokens")
+    __slots__ = ("request_id", "token", "finished", "error", "token_count", "finish_reason", "prompt_tokens", "cached_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class TokenResponse(_message.Message):
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token: str
     finished: bool
@@ -58,14 +59,15 @@ class TokenResponse(_message.Message):
     token_count: int
     finish_reason: str
     prompt_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[str] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ..., token_count: _Optional[int] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[str] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ..., token_count: _Optional[int] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("healthy", "current_queue_size", "gpu_utilization", "models", "max_concurrency", "active_sequences", "ready", "engine", "generations_started", "generations_cancelled", "peak_active")
+    __slots__ = ("healthy", "current_queue_size", "gpu_utilization", "models", "max_concurrency", "active_sequences", "ready", "engine", "generations_started", "generations_cancelled", "peak_active", "prefix_cache_capacity_bytes", "prefix_cache_used_bytes", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "prefix_cache_evictions")
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     CURRENT_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     GPU_UTILIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +79,13 @@ class HealthResponse(_message.Message):
     GENERATIONS_STARTED_FIELD_NUMBER: _ClassVar[int]
     GENERATIONS_CANCELLED_FIELD_NUMBER: _ClassVar[int]
     PEAK_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     healthy: bool
     current_queue_size: int
     gpu_utilization: float
@@ -88,4 +97,11 @@ class HealthResponse(_message.Message):
     generations_started: int
     generations_cancelled: int
     peak_active: int
-    def __init__(self, healthy: _Optional[bool] = ..., current_queue_size: _Optional[int] = ..., gpu_utilization: _Optional[float] = ..., models: _Optional[_Iterable[str]] = ..., max_concurrency: _Optional[int] = ..., active_sequences: _Optional[int] = ..., ready: _Optional[bool] = ..., engine: _Optional[str] = ..., generations_started: _Optional[int] = ..., generations_cancelled: _Optional[int] = ..., peak_active: _Optional[int] = ...) -> None: ...
+    prefix_cache_capacity_bytes: int
+    prefix_cache_used_bytes: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cache_query_tokens: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_evictions: int
+    def __init__(self, healthy: _Optional[bool] = ..., current_queue_size: _Optional[int] = ..., gpu_utilization: _Optional[float] = ..., models: _Optional[_Iterable[str]] = ..., max_concurrency: _Optional[int] = ..., active_sequences: _Optional[int] = ..., ready: _Optional[bool] = ..., engine: _Optional[str] = ..., generations_started: _Optional[int] = ..., generations_cancelled: _Optional[int] = ..., peak_active: _Optional[int] = ..., prefix_cache_capacity_bytes: _Optional[int] = ..., prefix_cache_used_bytes: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_evictions: _Optional[int] = ...) -> None: ...

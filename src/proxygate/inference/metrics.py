@@ -70,6 +70,27 @@ class InferenceMetrics:
         self.worker_active = Gauge(
             "inference_worker_active", "Sequences running on the worker", ["worker_id"], registry=r
         )
+        self.prompt_tokens = Counter(
+            "inference_prompt_tokens_total", "Prompt tokens of finished generations", ["model"], registry=r
+        )
+        self.cached_tokens = Counter(
+            "inference_cached_tokens_total",
+            "Prompt tokens served from a worker's prefix cache",
+            ["model"],
+            registry=r,
+        )
+        self.worker_cache = {
+            field: Gauge(f"inference_worker_prefix_cache_{name}", doc, ["worker_id"], registry=r)
+            for field, name, doc in (
+                ("prefix_cache_capacity_bytes", "capacity_bytes", "Memory the worker's prefix cache may use"),
+                ("prefix_cache_used_bytes", "used_bytes", "Memory the worker's prefix cache uses"),
+                ("prefix_cache_queries", "queries", "Prompts the worker looked up in its prefix cache"),
+                ("prefix_cache_hits", "hits", "Prompts that reused cached prefix KV"),
+                ("prefix_cache_query_tokens", "query_tokens", "Prompt tokens looked up in the prefix cache"),
+                ("prefix_cache_hit_tokens", "hit_tokens", "Prompt tokens served from the prefix cache"),
+                ("prefix_cache_evictions", "evictions", "Prefix cache blocks evicted"),
+            )
+        }
         self._known_models: set[str] = set()
         self._workers: Sequence[WorkerClient] = ()
 
@@ -80,6 +101,8 @@ class InferenceMetrics:
             self.worker_healthy.labels(w.id).set_function(partial(_healthy, w))
             self.worker_capacity.labels(w.id).set_function(partial(_capacity, w))
             self.worker_active.labels(w.id).set_function(partial(_active, w))
+            for field, gauge in self.worker_cache.items():
+                gauge.labels(w.id).set_function(partial(_health_field, w, field))
 
     def model_label(self, model: str) -> str:
         if model in ("", "default-model"):
@@ -100,3 +123,8 @@ def _capacity(w: WorkerClient) -> float:
 
 def _active(w: WorkerClient) -> float:
     return float(w.active)
+
+
+def _health_field(w: WorkerClient, field: str) -> float:
+    """A figure from the worker's last Health answer (0 before the first)."""
+    return float(getattr(w.last_health, field, 0) or 0)

@@ -46,13 +46,15 @@ class _Outcome:
     text: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     finish_reason: str = "stop"
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
 
@@ -166,6 +168,7 @@ class OpenAiApi:
             async for resp in tokens:
                 if resp.prompt_tokens:
                     outcome.prompt_tokens = resp.prompt_tokens
+                    outcome.cached_tokens = resp.cached_tokens
                 if resp.finished:
                     outcome.completion_tokens = resp.token_count or outcome.completion_tokens
                     outcome.finish_reason = resp.finish_reason or "stop"

@@ -173,6 +173,7 @@ class InferenceService:
         submitted = time.perf_counter()
         status = "error"
         tokens = 0
+        prompt_tokens = cached_tokens = 0
         first_token_at: float | None = None
         self.in_flight += 1
         m.in_flight.set(self.in_flight)
@@ -197,6 +198,8 @@ class InferenceService:
                             first_token_at = time.perf_counter()
                             m.ttft.labels(model_label).observe(first_token_at - submitted)
                         tokens = resp.token_count or tokens + (1 if resp.token else 0)
+                        if resp.prompt_tokens:
+                            prompt_tokens, cached_tokens = resp.prompt_tokens, resp.cached_tokens
                         yield resp
                         if resp.finished:
                             worker_status = "success"
@@ -244,6 +247,9 @@ class InferenceService:
             m.duration.labels(model_label).observe(time.perf_counter() - submitted)
             if tokens:
                 m.tokens.labels(model_label).inc(tokens)
+            if prompt_tokens:
+                m.prompt_tokens.labels(model_label).inc(prompt_tokens)
+                m.cached_tokens.labels(model_label).inc(cached_tokens)
 
 
 def _one_line(text: str) -> str:

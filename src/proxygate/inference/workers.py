@@ -40,6 +40,7 @@ class WorkerClient:
         self.active = 0
         self.failures = 0
         self.engine = ""
+        self.last_health: inference_pb2.HealthResponse | None = None  # prefix cache figures and the like
 
     @property
     def available(self) -> bool:
@@ -62,6 +63,7 @@ class WorkerClient:
         self.models = frozenset(resp.models) if resp.models else None
         self.capacity = max(1, resp.max_concurrency)
         self.engine = resp.engine
+        self.last_health = resp
         return before != self.available
 
     def record_failure(self, why: str) -> bool:

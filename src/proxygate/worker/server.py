@@ -1,7 +1,8 @@
 """`proxygate worker`: the gRPC ModelService over one engine.
 
-At most `max_concurrency` sequences run at once (the rest wait, counted as
-the queue in Health). A cancelled call (client gone, gateway deadline) stops
+The engine admits at most `max_concurrency` sequences at once and queues
+the rest by the request's priority (it knows its memory; Health reports its
+queue). A cancelled call (client gone, gateway deadline) stops
 its generation at the engine's next step. Engine errors travel in
 TokenResponse.error, never as a crash of the stream.
 """
@@ -24,10 +25,6 @@ log = logging.getLogger("proxygate.worker")
 class ModelService(inference_pb2_grpc.ModelServiceServicer):  # type: ignore[misc]  # generated, untyped
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.slots = asyncio.Semaphore(engine.max_concurrency)
-        self.waiting = 0
-        self.active = 0
-        self.peak_active = 0
         self.started = 0
         self.cancelled = 0
 
@@ -45,27 +42,32 @@ class ModelService(inference_pb2_grpc.ModelServiceServicer):  # type: ignore[mis
             seed=request.seed if request.has_seed else None,
             raw_prompt=request.raw_prompt,
             messages=tuple((m.role, m.content) for m in request.messages),
+            priority=request.priority,
         )
-        self.waiting += 1
-        try:
-            await self.slots.acquire()
-        finally:
-            self.waiting -= 1
-        self.active += 1
-        self.peak_active = max(self.peak_active, self.active)
         self.started += 1
         result = GenerationResult()
         count = 0
+        tokens = self.engine.generate(params, result)
         try:
-            async for token in self.engine.generate(params, result):
+            async for token in tokens:
                 count += 1
-                yield inference_pb2.TokenResponse(request_id=params.request_id, token=token, token_count=count)
+                if count == 1:  # the first message says what the prompt cost
+                    yield inference_pb2.TokenResponse(
+                        request_id=params.request_id,
+                        token=token,
+                        token_count=count,
+                        prompt_tokens=result.prompt_tokens,
+                        cached_tokens=result.cached_tokens,
+                    )
+                else:
+                    yield inference_pb2.TokenResponse(request_id=params.request_id, token=token, token_count=count)
             yield inference_pb2.TokenResponse(
                 request_id=params.request_id,
                 finished=True,
                 token_count=count,
                 finish_reason=result.finish_reason,
                 prompt_tokens=result.prompt_tokens,
+                cached_tokens=result.cached_tokens,
             )
         except asyncio.CancelledError:
             self.cancelled += 1
@@ -81,25 +83,34 @@ class ModelService(inference_pb2_grpc.ModelServiceServicer):  # type: ignore[mis
                 finish_reason="error",
             )
         finally:
-            self.active -= 1
-            self.slots.release()
+            # Close the engine's stream now, not when it is garbage collected:
+            # that is what releases its sequence when the call is cancelled.
+            await tokens.aclose()
 
     async def Health(
         self, request: inference_pb2.HealthRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.HealthResponse:
         engine = self.engine
+        s = engine.stats()
         return inference_pb2.HealthResponse(
             healthy=True,
-            current_queue_size=self.waiting,
+            current_queue_size=s.waiting,
             gpu_utilization=0.0,
             models=list(engine.models),
             max_concurrency=engine.max_concurrency,
-            active_sequences=self.active,
+            active_sequences=s.running,
             ready=engine.ready,
             engine=engine.name,
             generations_started=self.started,
             generations_cancelled=self.cancelled,
-            peak_active=self.peak_active,
+            peak_active=s.peak_running,
+            prefix_cache_capacity_bytes=s.cache_capacity_bytes,
+            prefix_cache_used_bytes=s.cache_used_bytes,
+            prefix_cache_queries=s.cache_queries,
+            prefix_cache_hits=s.cache_hits,
+            prefix_cache_query_tokens=s.cache_query_tokens,
+            prefix_cache_hit_tokens=s.cache_hit_tokens,
+            prefix_cache_evictions=s.cache_evictions,
         )
 
 

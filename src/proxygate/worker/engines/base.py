@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -19,6 +19,7 @@ class GenerationParams:
     seed: int | None = None
     raw_prompt: bool = False  # True: no chat template (completions); False: the prompt is a user message
     messages: tuple[tuple[str, str], ...] = ()  # (role, content) of a whole chat; replaces `prompt`
+    priority: int = 1  # higher is admitted first when the engine is full
 
 
 @dataclass(slots=True)
@@ -27,7 +28,24 @@ class GenerationResult:
 
     finish_reason: str = "length"
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """What Health reports of an engine: its load and its prefix cache."""
+
+    waiting: int = 0  # admitted to the engine's queue, not yet running
+    running: int = 0
+    peak_running: int = 0
+    cache_capacity_bytes: int = 0
+    cache_used_bytes: int = 0
+    cache_queries: int = 0  # prompts looked up in the prefix cache
+    cache_hits: int = 0  # prompts that reused at least one cached block
+    cache_query_tokens: int = 0
+    cache_hit_tokens: int = 0
+    cache_evictions: int = 0
 
 
 class Engine(Protocol):
@@ -41,7 +59,14 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Load whatever is needed; the worker reports not-ready until this returns."""
 
-    def generate(self, params: GenerationParams, result: GenerationResult) -> AsyncIterator[str]:
-        """Yield token texts. Cancelling the consumer must stop the work within one step."""
+    def generate(self, params: GenerationParams, result: GenerationResult) -> AsyncGenerator[str, None]:
+        """Yield token texts (`result.prompt_tokens`/`cached_tokens` are set before the first).
+
+        The engine admits at most `max_concurrency` generations at once and
+        queues the rest by priority. Cancelling the consumer must stop the
+        work within one step.
+        """
+
+    def stats(self) -> EngineStats: ...
 
     async def aclose(self) -> None: ...

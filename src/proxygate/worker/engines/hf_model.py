@@ -101,7 +101,7 @@ def load(model_path: str, device: str, dtype_name: str, threads: int) -> tuple[A
         raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
     started = time.monotonic()
     folder = resolve_checkpoint(model_path)
-    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+    dtype = getattr(torch, dtype_name)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     model = model.to(device)  # type: ignore[arg-type]  # transformers types .to() loosely
