@@ -74,7 +74,7 @@ class KvCache:
         if not blocks:
             return
         n = len(blocks) * self.block_size
-        index = torch.tensor(blocks, device=self.keys.device)
+        index = torch.tensor(blocks, dtype=torch.long, device=self.keys.device)
         for pool, cache in ((self.pool_keys, self.keys), (self.pool_values, self.values)):
             chunk = pool.index_select(0, index)  # (n_blocks, layers, heads, block, dim)
             chunk = chunk.permute(1, 2, 0, 3, 4).reshape(cache.shape[0], cache.shape[2], n, cache.shape[4])

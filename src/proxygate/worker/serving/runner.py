@@ -194,9 +194,9 @@ class LlamaRunner:
         """Logits (len(sample_rows), vocab) in float32; writes the step's KV into the cache."""
         dev = self.device
         n = len(batch.tokens)
-        tokens = torch.tensor(batch.tokens, device=dev)
-        positions = torch.tensor(batch.positions, device=dev)
-        slots = torch.tensor(batch.slots, device=dev)
+        tokens = torch.tensor(batch.tokens, dtype=torch.long, device=dev)
+        positions = torch.tensor(batch.positions, dtype=torch.long, device=dev)
+        slots = torch.tensor(batch.slots, dtype=torch.long, device=dev)
         hq, hk, d = self.heads, self.kv_heads, self.head_dim
         rotation = self.rotation[positions].unsqueeze(1)  # (n, 1, d / 2): broadcast over heads
         decode = _DecodeAttention(batch, kv, dev) if batch.decodes else None
@@ -226,7 +226,9 @@ class LlamaRunner:
             h = F.rms_norm(x, (x.shape[-1],), layer.post_norm, self.eps)
             gu = layer.gate_up(h)
             x = x + layer.down(F.silu(gu[:, : self.intermediate]) * gu[:, self.intermediate :])
-        rows = torch.tensor(batch.sample_rows, device=dev)
+        if not batch.sample_rows:  # only prompt chunks that do not finish their prompt
+            return torch.empty((0, self.lm_head.weight.shape[0]), dtype=torch.float32, device=dev)
+        rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=dev)
         last = F.rms_norm(x.index_select(0, rows), (x.shape[-1],), self.norm, self.eps)
         return self.lm_head(last).float()
 
@@ -255,13 +257,13 @@ class _DecodeAttention:
         self.lo = min(slots)
         self.rows = max(slots) - self.lo + 1
         self.length = max(positions) + 1
-        self.index = torch.tensor([s - self.lo for s in slots], device=device)
+        self.index = torch.tensor([s - self.lo for s in slots], dtype=torch.long, device=device)
         self.direct = self.rows == len(slots) and slots == list(range(self.lo, self.lo + self.rows))
         if self.direct and all(p == self.length - 1 for p in positions):
             self.mask: torch.Tensor | None = None  # every row sees the whole range
         else:
             seen = torch.zeros(self.rows, dtype=torch.long, device=device)  # dummy rows see position 0
-            seen[self.index] = torch.tensor(positions, device=device)
+            seen[self.index] = torch.tensor(positions, dtype=torch.long, device=device)
             cols = torch.arange(self.length, device=device)
             self.mask = (cols[None, :] <= seen[:, None]).view(self.rows, 1, 1, self.length)
 
