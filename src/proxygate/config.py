@@ -357,11 +357,11 @@ WORKER_FLAGS: tuple[Flag, ...] = (
     Flag("device", "cpu", parse_choice("cpu", "cuda"), "hf: torch device"),
     Flag(
         "dtype",
-        "bfloat16",
-        parse_choice("float32", "bfloat16", "float16"),
-        "hf: weight dtype (on a CPU, activations and KV are float32 whatever it is)",
+        "auto",
+        parse_choice("auto", "float32", "bfloat16", "float16"),
+        "hf: weight format (auto: float16 on a CPU, bfloat16 on CUDA; a CPU computes in float32)",
     ),
-    Flag("quantize", "none", parse_choice("none", "int8"), "hf: int8 = weight-only int8 linear layers"),
+    Flag("quantize", "none", parse_choice("none", "int8"), "hf: int8 = int8 linear layers (per-channel weights)"),
     Flag("max-model-len", "2048", parse_positive_int, "hf: tokens per sequence, prompt + output (KV slot size)"),
     Flag("max-step-tokens", "128", parse_step_tokens, "hf: tokens one engine step computes (prompt chunks + decodes)"),
     Flag("prefix-cache-mb", "256", parse_non_negative_int, "hf: memory for cached prompt-prefix KV (0: off)"),
@@ -381,7 +381,7 @@ class WorkerSettings:
     host: str = "0.0.0.0"
     port: int = 50051
     device: str = "cpu"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     quantize: str = "none"
     max_model_len: int = 2048
     max_step_tokens: int = 128

@@ -123,12 +123,17 @@ def build_core(s: WorkerSettings) -> tuple[Any, Any]:
     """Load the model and build the engine around it (blocking; run in a thread)."""
     from ..serving.core import EngineCore, eos_ids
     from ..serving.kv_cache import KvCache
+    from ..serving.linear import resolve_dtype
     from ..serving.prefix_cache import PrefixIndex
     from ..serving.runner import LlamaRunner
     from . import hf_model
 
-    model, tokenizer = hf_model.load(s.model_path, s.device, s.dtype, s.threads)
-    runner = LlamaRunner(model, device=s.device, int8=s.quantize == "int8")
+    weights = "int8" if s.quantize == "int8" else resolve_dtype(s.dtype, s.device)
+    # On a CPU the weights are converted from float32 whatever their format;
+    # on CUDA the model is loaded in the compute dtype.
+    load_dtype = "float32" if s.device == "cpu" or weights == "int8" else weights
+    model, tokenizer = hf_model.load(s.model_path, s.device, load_dtype, s.threads)
+    runner = LlamaRunner(model, device=s.device, weights=weights)
     dtype = runner.dtype
     eos = eos_ids(model, tokenizer)
     del model  # the runner holds what it needs
@@ -159,7 +164,7 @@ def build_core(s: WorkerSettings) -> tuple[Any, Any]:
     log.info(
         "engine: %s weights (%d MB read per step), %s activations, KV %d slots x %d tokens, "
         "prefix cache %d blocks of %d tokens (%d MB)",
-        "int8" if s.quantize == "int8" else s.dtype,
+        weights,
         runner.weight_bytes >> 20,
         str(dtype).removeprefix("torch."),
         s.max_concurrency,

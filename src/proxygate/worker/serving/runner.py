@@ -12,10 +12,9 @@ The weights are taken out of the transformers model once at start, with the
 query/key/value projections fused into one matrix and gate/up into another:
 two matmuls fewer per layer, and far fewer Python-level operations than the
 generic module tree (measured: 1.8x transformers' own `generate` for one
-stream, float32, on 2 CPU threads). Linear weights stay in the model's
-dtype (bfloat16 by default: half the bytes a decode step reads), activations
-and the KV cache are float32 on a CPU. `--quantize int8` keeps the linear
-weights as int8 with one scale per output channel (weight-only).
+stream, float32, on 2 CPU threads). The linear layers' weight format and
+kernel are `linear`'s business; activations and the KV cache are float32
+on a CPU.
 """
 
 from __future__ import annotations
@@ -28,58 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import KvCache
+from .linear import Linear, make_linear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
-
-
-# Measured on 2 CPU threads without native bfloat16: a matmul that reads its
-# weights once for 1-2 rows is bound by memory bandwidth, so bfloat16 weights
-# (half the bytes) take half the time of float32; from 3 rows on, torch's
-# emulated bfloat16 GEMM is slower than converting the weight to float32 and
-# using the float32 GEMM (7x slower at 128 rows). The int8 kernel stays ahead
-# up to about 16 rows.
-BF16_DIRECT_ROWS = 2
-INT8_DIRECT_ROWS = 16
-
-
-class Linear:
-    """y = x W^T (+ b) with weights stored as `weight_dtype` (or int8), computed in `dtype`."""
-
-    def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype, dtype: torch.dtype, int8: bool
-    ) -> None:
-        self.bias = None if bias is None else bias.detach().to(dtype)
-        self.dtype = dtype
-        self.int8 = int8
-        w = weight.detach().float()
-        if int8:  # weight-only, one scale per output channel
-            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
-            self.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-            self.scale = scale.to(torch.bfloat16)
-            self.out_scale = scale.to(dtype)
-        else:
-            self.weight = w.to(weight_dtype).contiguous()
-        self.on_cpu = self.weight.device.type == "cpu"
-        self.mixed = self.weight.dtype != dtype
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if self.int8:
-            if self.on_cpu and rows <= INT8_DIRECT_ROWS:  # torch's CPU kernel wants bfloat16 activations
-                y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale).to(self.dtype)
-            else:
-                y = F.linear(x, self.weight.to(self.dtype)) * self.out_scale
-        elif not self.mixed:
-            return F.linear(x, self.weight, self.bias)
-        elif rows <= BF16_DIRECT_ROWS:
-            y = F.linear(x.to(self.weight.dtype), self.weight).to(self.dtype)
-        else:
-            y = F.linear(x, self.weight.to(self.dtype))
-        return y if self.bias is None else y + self.bias
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
 
 
 @dataclass(slots=True)
@@ -121,15 +71,19 @@ class StepBatch:
 
 
 class LlamaRunner:
-    def __init__(self, model: Any, *, device: str, int8: bool = False) -> None:
-        """Weights keep the model's dtype; on a CPU everything else is float32 (see `Linear`)."""
+    def __init__(self, model: Any, *, device: str, weights: str) -> None:
+        """Linear weights in format `weights` (see `linear`); on a CPU everything else is float32."""
         cfg = model.config
         if cfg.model_type not in SUPPORTED_TYPES:
             raise ValueError(f"the hf engine runs {', '.join(SUPPORTED_TYPES)} models; this one is {cfg.model_type!r}")
         self.device = device
-        weight_dtype = model.dtype
-        dtype = torch.float32 if device == "cpu" else weight_dtype
+        on_cpu = device == "cpu"
+        dtype = torch.float32 if on_cpu or weights == "int8" else getattr(torch, weights)
         self.dtype = dtype
+
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+            return make_linear(weight, bias, weights, dtype, on_cpu)
+
         self.layers_n = cfg.num_hidden_layers
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
@@ -137,10 +91,11 @@ class LlamaRunner:
         self.intermediate = cfg.intermediate_size
         self.eps = float(cfg.rms_norm_eps)
         self.max_positions = int(cfg.max_position_embeddings)
+        self.vocab = int(cfg.vocab_size)
         inner = model.model
         self.embed = inner.embed_tokens.weight.detach().to(dtype)
         self.norm = inner.norm.weight.detach().to(dtype)
-        self.lm_head = Linear(model.lm_head.weight, None, weight_dtype, dtype, int8)
+        self.lm_head = linear(model.lm_head.weight)
         self.layers: list[Layer] = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
@@ -153,11 +108,11 @@ class LlamaRunner:
             self.layers.append(
                 Layer(
                     input_norm=layer.input_layernorm.weight.detach().to(dtype),
-                    qkv=Linear(qkv_w, qkv_b, weight_dtype, dtype, int8),
-                    o=Linear(a.o_proj.weight, a.o_proj.bias, weight_dtype, dtype, int8),
+                    qkv=linear(qkv_w, qkv_b),
+                    o=linear(a.o_proj.weight, a.o_proj.bias),
                     post_norm=layer.post_attention_layernorm.weight.detach().to(dtype),
-                    gate_up=Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), None, weight_dtype, dtype, int8),
-                    down=Linear(m.down_proj.weight, None, weight_dtype, dtype, int8),
+                    gate_up=linear(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
+                    down=linear(m.down_proj.weight),
                 )
             )
         # RoPE tables as transformers computes them (float32, then the compute dtype).
@@ -187,7 +142,7 @@ class LlamaRunner:
 
     def _rope(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         """x: (n, heads, dim) with interleaved pairs; rotation: (n, 1, dim / 2) complex."""
-        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
         return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
     def forward(self, batch: StepBatch, kv: KvCache) -> torch.Tensor:
@@ -201,7 +156,7 @@ class LlamaRunner:
         rotation = self.rotation[positions].unsqueeze(1)  # (n, 1, d / 2): broadcast over heads
         decode = _DecodeAttention(batch, kv, dev) if batch.decodes else None
         chunk_masks = [_chunk_mask(start, count, dev) for _slot, start, count in batch.chunks]
-        x = self.embed[tokens]
+        x = self.embed[tokens]  # a copy: updated in place below
         for li, layer in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), layer.input_norm, self.eps)
             qkv = layer.qkv(h)
@@ -211,9 +166,12 @@ class LlamaRunner:
             keys, values = kv.keys[li], kv.values[li]
             keys[slots, :, positions] = k
             values[slots, :, positions] = v
-            out = torch.empty((n, hq, d), dtype=x.dtype, device=dev)
-            if decode is not None:
-                out[: batch.decodes] = decode.attend(q[: batch.decodes], keys, values)
+            if decode is not None and not batch.chunks:  # decode-only step: no assembling
+                out = decode.attend(q, keys, values)
+            else:
+                out = torch.empty((n, hq, d), dtype=x.dtype, device=dev)
+                if decode is not None:
+                    out[: batch.decodes] = decode.attend(q[: batch.decodes], keys, values)
             row = batch.decodes
             for (slot, start, count), mask in zip(batch.chunks, chunk_masks, strict=True):
                 qs = q[row : row + count].transpose(0, 1).unsqueeze(0)  # (1, hq, count, d)
@@ -222,12 +180,12 @@ class LlamaRunner:
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
                 out[row : row + count] = o[0].transpose(0, 1)
                 row += count
-            x = x + layer.o(out.view(n, hq * d))
+            x += layer.o(out.reshape(n, hq * d))
             h = F.rms_norm(x, (x.shape[-1],), layer.post_norm, self.eps)
             gu = layer.gate_up(h)
-            x = x + layer.down(F.silu(gu[:, : self.intermediate]) * gu[:, self.intermediate :])
+            x += layer.down(F.silu(gu[:, : self.intermediate]).mul_(gu[:, self.intermediate :]))
         if not batch.sample_rows:  # only prompt chunks that do not finish their prompt
-            return torch.empty((0, self.lm_head.weight.shape[0]), dtype=torch.float32, device=dev)
+            return torch.empty((0, self.vocab), dtype=torch.float32, device=dev)
         rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=dev)
         last = F.rms_norm(x.index_select(0, rows), (x.shape[-1],), self.norm, self.eps)
         return self.lm_head(last).float()
