@@ -9,21 +9,23 @@ every weight once, so memory traffic is what it waits for):
 | float32 (`F.linear`)           | 578 us | 891 us  | 3.5 ms   |
 | bfloat16 (`F.linear`, emulated) | 256 us | 1.74 ms | 23.8 ms  |
 | float16, fbgemm packed          | 158 us | 256 us  | 2.5 ms   |
-| int8 dynamic, fbgemm packed     | 103 us | 141 us  | 1.7 ms   |
+| int8 weight-only (torch kernel) | 237 us | 562 us  | 5.8 ms   |
 
 So on a CPU `float16` (the default there) packs the weights for fbgemm's
 half-precision GEMM: half the bytes of float32 at every batch size, and
-more exact than bfloat16 (10 mantissa bits, not 7). `int8` packs them for
-fbgemm's dynamic int8 GEMM (weights per output channel; each call
-quantizes its activations). `bfloat16` keeps plain bfloat16 weights, used
-directly for one or two rows and converted to float32 for more.
-Activations stay float32 on a CPU. On CUDA every format is a plain
-`F.linear` in the compute dtype (int8: weights dequantized per call).
+more exact than bfloat16 (10 mantissa bits, not 7). `int8` is weight-only
+(one scale per output channel), on torch's int8 kernel for up to 16 rows:
+half float16's memory, no faster here. (fbgemm's dynamic int8 GEMM was
+faster still, but quantizing the activations per tensor wrecked the
+model's answers: 0 of 10 greedy answers right, where weight-only kept 5
+identical to bfloat16's and the rest sensible.) `bfloat16` keeps plain
+bfloat16 weights, used directly for one or two rows and converted to
+float32 for more. Activations stay float32 on a CPU. On CUDA every format
+is a plain `F.linear` in the compute dtype (int8: dequantized per call).
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Protocol
 
 import torch
@@ -31,9 +33,9 @@ import torch.nn.functional as F
 
 FORMATS = ("float32", "bfloat16", "float16", "int8")
 BF16_DIRECT_ROWS = 2  # from 3 rows on, emulated bfloat16 loses to converting to float32
+INT8_DIRECT_ROWS = 16  # the weight-only int8 kernel beats dequantizing up to about here
 # Looked up once: resolving torch.ops attributes costs microseconds per call.
 _LINEAR_FP16 = torch.ops.quantized.linear_dynamic_fp16
-_LINEAR_INT8 = torch.ops.quantized.linear_dynamic
 
 
 def fbgemm_available() -> bool:
@@ -87,34 +89,28 @@ class Float16Packed:
         return _LINEAR_FP16(x, self.packed)
 
 
-class Int8Packed:
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        w = weight.float()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
-        zero = torch.zeros(w.shape[0], dtype=torch.long)
-        with warnings.catch_warnings():  # quantized tensors are deprecated as a public API, not the kernels
-            warnings.simplefilter("ignore")
-            q = torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(q, _f32(bias))
-        self.nbytes = weight.numel()
+class Int8WeightOnly:
+    """int8 weights, one scale per output channel; activations stay floating point.
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _LINEAR_INT8(x, self.packed)
+    Up to `INT8_DIRECT_ROWS` rows on torch's weight-only int8 kernel (CPU);
+    more rows, or CUDA, dequantize the weight for the call.
+    """
 
-
-class Int8Dequantized:
-    """Weight-only int8 without fbgemm: dequantized per call (CUDA, or CPUs without fbgemm)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, on_cpu: bool) -> None:
         w = weight.float()
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
         self.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
         self.scale = scale.to(dtype)
+        self.scale_bf16 = scale.to(torch.bfloat16)
         self.bias = None if bias is None else bias.to(dtype)
+        self.direct_rows = INT8_DIRECT_ROWS if on_cpu else 0
         self.nbytes = self.weight.numel()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scale
+        if x.shape[0] <= self.direct_rows:  # the kernel wants bfloat16 activations
+            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale_bf16).to(x.dtype)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale
         return y if self.bias is None else y + self.bias
 
 
@@ -123,9 +119,7 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, dtype
     weight = weight.detach()
     bias = None if bias is None else bias.detach()
     if fmt == "int8":
-        if on_cpu and fbgemm_available():
-            return Int8Packed(weight, bias)
-        return Int8Dequantized(weight, bias, dtype)
+        return Int8WeightOnly(weight, bias, dtype, on_cpu)
     if not on_cpu or fmt == "float32":
         return Dense(weight, bias, dtype)
     if fmt == "bfloat16":
