@@ -14,6 +14,7 @@ bench:          ## proxy and rate-limiter benchmarks (results: bench/RESULTS.md)
 	$(PY) bench/proxy_bench.py
 	$(PY) bench/ratelimit_bench.py
 	$(PY) bench/inference_bench.py
+	$(PY) bench/engine_bench.py
 
 lint:
 	$(PY) -m ruff check src tests bench

@@ -14,8 +14,9 @@ loopback-free (no network at all), bounded in count:
     for one whose prefix was just seen (warm), best of runs each;
   - the worst inter-token gap of a running stream while a 1,500-token prompt
     joins, against its median gap;
-- int8's quality: greedy answers to a fixed question set compared with
-  bfloat16's (identical answers, and the first differing token otherwise).
+- int8's quality: greedy answers to a fixed question set compared with the
+  default weights' (float16 on a CPU): identical answers, and the first
+  differing token otherwise.
 
 Run: .venv/bin/python bench/engine_bench.py [--runs 3] [--configs default,int8]
 """
@@ -208,11 +209,11 @@ def main() -> int:
         plain = asyncio.run(answers(configs["default"]))
         quant = asyncio.run(answers(configs["int8"]))
         same = sum(a == b for a, b in zip(plain, quant, strict=True))
-        print(f"\nint8 quality: {same}/{len(QUESTIONS)} greedy answers (24 tokens) identical to bfloat16's")
+        print(f"\nint8 quality: {same}/{len(QUESTIONS)} greedy answers (24 tokens) identical to the default weights'")
         for q, a, b in zip(QUESTIONS, plain, quant, strict=True):
             if a != b:
                 first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-                print(f"  {q!r}: differs from token {first}: bf16 {''.join(a)!r} / int8 {''.join(b)!r}")
+                print(f"  {q!r}: differs from token {first}: default {''.join(a)!r} / int8 {''.join(b)!r}")
     return 0
 
 

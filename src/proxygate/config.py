@@ -363,7 +363,12 @@ WORKER_FLAGS: tuple[Flag, ...] = (
     ),
     Flag("quantize", "none", parse_choice("none", "int8"), "hf: int8 = int8 linear layers (per-channel weights)"),
     Flag("max-model-len", "2048", parse_positive_int, "hf: tokens per sequence, prompt + output (KV slot size)"),
-    Flag("max-step-tokens", "64", parse_step_tokens, "hf: tokens one engine step computes (prompt chunks + decodes)"),
+    Flag(
+        "max-step-tokens",
+        "32",
+        parse_step_tokens,
+        "hf: tokens a step computes while streams decode (their tokens + prompt chunks)",
+    ),
     Flag("prefix-cache-mb", "256", parse_non_negative_int, "hf: memory for cached prompt-prefix KV (0: off)"),
     Flag("threads", "0", parse_non_negative_int, "hf: torch threads (0: torch's default)"),
     Flag("latency", "0", parse_duration, "echo: seconds per token (e.g. 0.05 or 50ms)"),
@@ -384,7 +389,7 @@ class WorkerSettings:
     dtype: str = "auto"
     quantize: str = "none"
     max_model_len: int = 2048
-    max_step_tokens: int = 64
+    max_step_tokens: int = 32
     prefix_cache_mb: int = 256
     threads: int = 0
     latency: float = 0.0

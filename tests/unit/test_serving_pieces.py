@@ -12,7 +12,7 @@ except ImportError:
     pytest.fail("the hf engine's tests need torch: ./scripts/install worker,test", pytrace=False)
 
 from proxygate.worker.serving.detokenizer import IncrementalDetokenizer, StopChecker  # noqa: E402
-from proxygate.worker.serving.planner import MIN_CHUNK, plan_step  # noqa: E402
+from proxygate.worker.serving.planner import IDLE_BUDGET, MIN_CHUNK, plan_step  # noqa: E402
 from proxygate.worker.serving.prefix_cache import PrefixIndex, block_digests  # noqa: E402
 from proxygate.worker.serving.sampler import make_generator, sample, top_p_filter  # noqa: E402
 
@@ -134,7 +134,7 @@ def test_decodes_always_run_and_prompts_share_the_rest_by_priority() -> None:
 
 def test_a_long_prompt_is_read_in_budget_sized_chunks() -> None:
     seq = S("long", 1500)
-    chunks = []
+    chunks: list[int] = []
     while seq.prompt_left:
         plan = plan_step([seq, S("d", 0)], budget=128)
         ((got, n),) = plan.prefill
@@ -146,6 +146,13 @@ def test_a_long_prompt_is_read_in_budget_sized_chunks() -> None:
 def test_prompts_progress_even_when_decodes_fill_the_budget() -> None:
     plan = plan_step([S(f"d{i}", 0) for i in range(40)] + [S("p", 100)], budget=32)
     assert len(plan.decode) == 40 and plan.prefill[0][1] == MIN_CHUNK
+
+
+def test_prompts_alone_are_read_in_bigger_chunks() -> None:
+    plan = plan_step([S("a", 2000), S("b", 100, arrival=1)], budget=32)
+    assert [(s.name, n) for s, n in plan.prefill] == [("a", IDLE_BUDGET)]
+    plan = plan_step([S("a", 300), S("b", 100, arrival=1)], budget=32)
+    assert [(s.name, n) for s, n in plan.prefill] == [("a", 300), ("b", 100)]
 
 
 def test_empty_plan_when_nothing_runs() -> None:
