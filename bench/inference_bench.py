@@ -192,59 +192,64 @@ async def hf_rate(worker_port: int, streams: int, max_tokens: int) -> float:
     return sum(counts) / elapsed
 
 
+def echo_sections(args: argparse.Namespace, logs: Path, lines: list[str], procs: list[subprocess.Popen]) -> None:
+    # (a) one echo worker with a small per-token latency, gateway in front.
+    w_port, g_port = free_port(), free_port()
+    procs.append(worker(w_port, logs / "bench-worker-a.log", "--latency", "0.002", "--max-concurrency", "8"))
+    procs.append(gateway(g_port, [w_port], logs / "bench-gw-a.log"))
+    lat = asyncio.run(latency_compare(g_port, w_port, args.samples))
+    lines += [
+        "### (a) latency, echo worker at 2 ms/token, one request at a time",
+        "",
+        "| path | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | per-token p99 ms |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in lat.items():
+        lines.append(
+            f"| {name} | {row['ttft_p50_ms']:.2f} | {row['ttft_p99_ms']:.2f} | "
+            f"{row['token_p50_ms']:.2f} | {row['token_p99_ms']:.2f} |"
+        )
+    added = lat["via gateway"]["ttft_p50_ms"] - lat["direct gRPC"]["ttft_p50_ms"]
+    lines += ["", f"Gateway adds {added:.2f} ms to TTFT p50 (bar: ≤ 1 ms).", ""]
+    for p in procs:
+        p.terminate()
+        p.wait(10)
+    procs.clear()
+
+    # (b) two zero-latency echo workers, 64 concurrent streams.
+    w1, w2, g_port = free_port(), free_port(), free_port()
+    procs.append(worker(w1, logs / "bench-worker-b1.log", "--max-concurrency", "64"))
+    procs.append(worker(w2, logs / "bench-worker-b2.log", "--max-concurrency", "64"))
+    procs.append(gateway(g_port, [w1, w2], logs / "bench-gw-b.log"))
+    rates = [asyncio.run(throughput(g_port, 64, args.seconds, 100)) for _ in range(args.runs)]
+    lines += [
+        "### (b) tokens/s through one gateway, 64 concurrent streams, zero-latency echo workers",
+        "",
+        f"median {statistics.median(rates):.0f} tokens/s over {args.runs} runs of {args.seconds:g} s "
+        f"(runs: {', '.join(f'{r:.0f}' for r in rates)}); bar ≥ 20,000.",
+        "",
+    ]
+    for p in procs:
+        p.terminate()
+        p.wait(10)
+    procs.clear()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=200, help="requests per side for (a)")
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of (b)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--only-hf", action="store_true", help="only (c)")
     args = parser.parse_args()
     logs = ROOT / "bench" / "out"
     logs.mkdir(exist_ok=True)
     lines: list[str] = []
     procs: list[subprocess.Popen] = []
     try:
-        # (a) one echo worker with a small per-token latency, gateway in front.
-        w_port, g_port = free_port(), free_port()
-        procs.append(worker(w_port, logs / "bench-worker-a.log", "--latency", "0.002", "--max-concurrency", "8"))
-        procs.append(gateway(g_port, [w_port], logs / "bench-gw-a.log"))
-        lat = asyncio.run(latency_compare(g_port, w_port, args.samples))
-        lines += [
-            "### (a) latency, echo worker at 2 ms/token, one request at a time",
-            "",
-            "| path | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | per-token p99 ms |",
-            "|---|---|---|---|---|",
-        ]
-        for name, row in lat.items():
-            lines.append(
-                f"| {name} | {row['ttft_p50_ms']:.2f} | {row['ttft_p99_ms']:.2f} | "
-                f"{row['token_p50_ms']:.2f} | {row['token_p99_ms']:.2f} |"
-            )
-        added = lat["via gateway"]["ttft_p50_ms"] - lat["direct gRPC"]["ttft_p50_ms"]
-        lines += ["", f"Gateway adds {added:.2f} ms to TTFT p50 (bar: ≤ 1 ms).", ""]
-        for p in procs:
-            p.terminate()
-            p.wait(10)
-        procs.clear()
-
-        # (b) two zero-latency echo workers, 64 concurrent streams.
-        w1, w2, g_port = free_port(), free_port(), free_port()
-        procs.append(worker(w1, logs / "bench-worker-b1.log", "--max-concurrency", "64"))
-        procs.append(worker(w2, logs / "bench-worker-b2.log", "--max-concurrency", "64"))
-        procs.append(gateway(g_port, [w1, w2], logs / "bench-gw-b.log"))
-        rates = [asyncio.run(throughput(g_port, 64, args.seconds, 100)) for _ in range(args.runs)]
-        lines += [
-            "### (b) tokens/s through one gateway, 64 concurrent streams, zero-latency echo workers",
-            "",
-            f"median {statistics.median(rates):.0f} tokens/s over {args.runs} runs of {args.seconds:g} s "
-            f"(runs: {', '.join(f'{r:.0f}' for r in rates)}); bar ≥ 20,000.",
-            "",
-        ]
-        for p in procs:
-            p.terminate()
-            p.wait(10)
-        procs.clear()
-
+        if not args.only_hf:
+            echo_sections(args, logs, lines, procs)
         if not args.skip_hf:
             # (c) the real model, one stream vs 8 concurrent streams.
             w_port = free_port()
@@ -264,7 +269,7 @@ def main() -> int:
             eight = [asyncio.run(hf_rate(w_port, 8, 64)) for _ in range(args.runs)]
             ratio = statistics.median(eight) / statistics.median(one)
             lines += [
-                "### (c) hf worker (SmolLM2-135M-Instruct, bf16, CPU, 2 threads), 64 tokens per stream",
+                "### (c) hf worker (SmolLM2-135M-Instruct, default weights, CPU, 2 threads), 64 tokens per stream",
                 "",
                 "| streams | tokens/s (median) | runs |",
                 "|---|---|---|",

@@ -267,6 +267,17 @@ def test_first_message_reports_prompt_and_cached_tokens(hf_worker: WorkerProcess
     assert 0 < h.prefix_cache_used_bytes <= h.prefix_cache_capacity_bytes
 
 
+def test_next_chat_turn_reuses_the_previous_answer(hf_worker: WorkerProcess) -> None:
+    turn1 = [("system", "You are terse."), ("user", "Name the planets of the solar system in order.")]
+    first = generate(hf_worker, "", max_tokens=40, messages=turn1)
+    answer = text_of(first)
+    second = generate(
+        hf_worker, "", max_tokens=4, messages=[*turn1, ("assistant", answer), ("user", "Which is the largest?")]
+    )
+    # Cached beyond the first turn's prompt: blocks of its answer came along.
+    assert second[0].cached_tokens > first[0].prompt_tokens + 16, (first[0], second[0])
+
+
 def test_openai_usage_and_metrics_report_cached_tokens(hf_worker: WorkerProcess, start_gateway) -> None:
     import openai
 

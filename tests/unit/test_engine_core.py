@@ -180,6 +180,16 @@ def test_shared_prefix_is_reused_and_reported() -> None:
     assert core.prefix is not None and core.prefix.counters.hits == 2
 
 
+def test_a_finished_answer_is_cached_for_the_next_turn() -> None:
+    core = make_core(prefix_blocks=8)
+    turn1 = Client(core, "turn1", list(range(20, 40)), max_tokens=20)  # answers 40, 41, ... 59
+    run(core, turn1)
+    # The next turn repeats prompt and answer, then adds more: 32 of its tokens have KV.
+    turn2 = Client(core, "turn2", list(range(20, 40)) + list(range(40, 60)) + [5, 6], max_tokens=1)
+    run(core, turn2)
+    assert turn2.started is not None and turn2.started.cached_tokens == 32
+
+
 def test_prefix_cache_copies_real_kv() -> None:
     core = make_core(prefix_blocks=4)
     core.kv.keys[0, 0, 0, :16] = torch.arange(32, dtype=torch.float32).view(16, 2)
@@ -190,7 +200,7 @@ def test_prefix_cache_copies_real_kv() -> None:
 
     assert core.prefix is not None
     seq.digests = block_digests(seq.prompt, 16)
-    core._remember_prefix(seq)
+    core._remember(seq, seq.digests)
     core.kv.load_blocks(2, core.prefix.match(seq.digests))
     assert torch.equal(core.kv.keys[0, 2, 0, :16], core.kv.keys[0, 0, 0, :16])
 

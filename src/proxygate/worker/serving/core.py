@@ -147,12 +147,17 @@ class EngineCore:
 
     def _run(self) -> None:
         with torch.inference_mode():
-            while self._turn():
-                pass
+            while True:
+                try:
+                    if not self._turn():
+                        break
+                except Exception as exc:  # a bug, not a sequence's fault: fail what runs, keep serving
+                    log.exception("engine turn failed")
+                    for seq in self._running:
+                        self._fail(seq, exc)
+                    self._drop_finished()
         for seq in self._running + [s for _, _, s in self._waiting] + self._incoming:
-            if not seq.done:
-                seq.done = True
-                seq.emit(RuntimeError("worker shutting down"))
+            self._fail(seq, RuntimeError("worker shutting down"))
 
     def _turn(self) -> bool:
         with self._wake:
@@ -167,9 +172,7 @@ class EngineCore:
         self._admit()
         self._update_counts()
         plan = plan_step(self._running, self.max_step_tokens)
-        if not plan:
-            if not self._running and self._waiting and not self.kv.free_slots:  # cannot happen; never spin
-                raise RuntimeError("engine has waiting sequences but no running ones and no free slot")
+        if not plan:  # everything running was cancelled; the next turn waits
             return True
         decoding = sorted(plan.decode, key=lambda s: s.slot or 0)
         batch = StepBatch()
@@ -199,7 +202,7 @@ class EngineCore:
         for seq, count in plan.prefill:
             seq.computed += count
             if seq.prompt_left == 0:
-                self._remember_prefix(seq)
+                self._remember(seq, seq.digests)
         for row, seq in enumerate(sampled):
             if seq.done or seq.cancelled:
                 continue
@@ -267,13 +270,22 @@ class EngineCore:
         self._running.append(seq)
         seq.emit(Started(prompt_tokens=n, cached_tokens=cached))
 
-    def _remember_prefix(self, seq: Sequence) -> None:
+    def _remember(self, seq: Sequence, digests: list[bytes]) -> None:
+        """Copy the slot's KV of these blocks into the prefix cache (those not there yet)."""
         if self.prefix is None or seq.slot is None:
             return
         try:
-            self.kv.save_blocks(seq.slot, self.prefix.insert(seq.digests))
+            self.kv.save_blocks(seq.slot, self.prefix.insert(digests))
         except Exception:  # the cache is an optimisation: never fail a sequence for it
             log.exception("could not save prefix blocks")
+
+    def _remember_output(self, seq: Sequence) -> None:
+        """At a normal end: the prompt and the output so far, so the next turn of a chat
+        (which repeats this answer after the same prompt) finds them cached."""
+        if self.prefix is None or seq.detok is None or seq.computed <= len(seq.prompt):
+            return
+        with_kv = (seq.prompt + seq.detok.ids)[: seq.computed]
+        self._remember(seq, block_digests(with_kv, self.prefix.block_size))
 
     def _update_counts(self) -> None:
         s = self.stats
@@ -303,6 +315,7 @@ class EngineCore:
         rest = seq.stopper.flush() if flush else ""
         if rest:
             seq.emit(rest)
+        self._remember_output(seq)
         seq.done = True
         seq.emit(Finished(reason))
 
