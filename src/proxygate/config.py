@@ -79,6 +79,16 @@ def parse_workers(text: str) -> int:
     return value
 
 
+def parse_non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"invalid number {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise ValueError(f"must be at least 0, got {text}")
+    return value
+
+
 def parse_step_tokens(text: str) -> int:
     value = parse_positive_int(text)
     if value < 16:
@@ -373,6 +383,8 @@ WORKER_FLAGS: tuple[Flag, ...] = (
     Flag("threads", "0", parse_non_negative_int, "hf: torch threads (0: torch's default)"),
     Flag("latency", "0", parse_duration, "echo: seconds per token (e.g. 0.05 or 50ms)"),
     Flag("max-concurrency", "4", parse_positive_int, "sequences run at once"),
+    Flag("prefill-ms-per-token", "0", parse_non_negative_float, "echo: simulated prefill ms per uncached word"),
+    Flag("prefix-cache-slots", "0", parse_non_negative_int, "echo: prompts a simulated prefix cache holds (0: off)"),
     Flag("debug", "false", parse_bool, "debug logging", boolean=True),
     Flag("log-format", "json", parse_choice("json", "text"), "log format: json or text"),
 )
@@ -394,6 +406,8 @@ class WorkerSettings:
     threads: int = 0
     latency: float = 0.0
     max_concurrency: int = 4
+    prefill_ms_per_token: float = 0.0
+    prefix_cache_slots: int = 0
     debug: bool = False
     log_format: str = "json"
 

@@ -161,6 +161,22 @@ def test_cancel_stops_generation(any_worker: WorkerProcess) -> None:
     raise AssertionError(f"generation not stopped: {any_worker.health()}")
 
 
+def test_echo_simulated_prefix_cache_over_grpc(tmp_path: Path) -> None:
+    w = WorkerProcess(
+        ["--engine", "echo", "--prefix-cache-slots", "2", "--prefill-ms-per-token", "0.5"], tmp_path / "w.log"
+    )
+    try:
+        shared = "alpha beta gamma delta epsilon zeta eta theta"
+        generate(w, shared + " one", max_tokens=2)
+        msgs = generate(w, shared + " two", max_tokens=2)
+        assert (msgs[0].prompt_tokens, msgs[0].cached_tokens) == (9, 8)
+        assert msgs[-1].cached_tokens == 8
+        h = w.health()
+        assert (h.prefix_cache_queries, h.prefix_cache_hits, h.prefix_cache_hit_tokens) == (2, 1, 8)
+    finally:
+        w.stop()
+
+
 # ---- the real model -------------------------------------------------------------
 
 

@@ -12,7 +12,13 @@ __all__ = ["EchoEngine", "Engine", "GenerationParams", "GenerationResult", "buil
 def build_engine(settings: WorkerSettings) -> Engine:
     models = (settings.model,) if settings.model else ()
     if settings.engine == "echo":
-        return EchoEngine(models, settings.latency, settings.max_concurrency)
+        return EchoEngine(
+            models,
+            settings.latency,
+            settings.max_concurrency,
+            prefill_ms_per_token=settings.prefill_ms_per_token,
+            prefix_slots=settings.prefix_cache_slots,
+        )
     from .hf import HfEngine  # torch and transformers load only for this engine
 
     return HfEngine(settings)
