@@ -330,11 +330,11 @@ def _wait_gateway_ready(gw) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_outputs_equal_with_cache_on_and_off(hf_worker: WorkerProcess, hf_nocache: WorkerProcess) -> None:
-    questions = ["Where is exhibit 4?", "Which room has exhibit 20?", "Summarise rule 7."]
+    questions = ["Where is exhibit 4?", "Which room has exhibit 20?"]
     for q in questions:  # the second and third reuse the first's system prompt on hf_worker
         messages = [("system", MANUAL), ("user", q)]
-        cached = generate(hf_worker, "", max_tokens=24, messages=messages)
-        plain = generate(hf_nocache, "", max_tokens=24, messages=messages)
+        cached = generate(hf_worker, "", max_tokens=16, messages=messages)
+        plain = generate(hf_nocache, "", max_tokens=16, messages=messages)
         assert plain[0].cached_tokens == 0
         assert text_of(cached) == text_of(plain), q
     assert hf_nocache.health().prefix_cache_capacity_bytes == 0
@@ -348,12 +348,12 @@ def test_eviction_under_a_small_cache_keeps_outputs_right(
     try:
         capacity = small.health().prefix_cache_capacity_bytes
         assert 0 < capacity <= 4 << 20
-        for i in range(4):
+        for i in range(3):
             prompt = f"Story {i}: " + "the quick brown fox jumps over the lazy dog. " * 6
-            assert text_of(generate(small, prompt, max_tokens=12)) == text_of(generate(hf_nocache, prompt, 12))
+            assert text_of(generate(small, prompt, max_tokens=8)) == text_of(generate(hf_nocache, prompt, 8))
         h = small.health()
         assert h.prefix_cache_evictions > 0 and h.prefix_cache_used_bytes <= capacity
-        again = generate(small, prompt, max_tokens=12)  # the most recent prompt is still there
+        again = generate(small, prompt, max_tokens=8)  # the most recent prompt is still there
         assert again[0].cached_tokens > 0
     finally:
         small.stop()
