@@ -42,6 +42,21 @@ def test_top_p_keeps_the_nucleus_only() -> None:
     assert {sample(torch.log(probs), 1.0, 0.7, rng) for _ in range(200)} == {0, 1}
 
 
+def test_top_p_beyond_the_candidates_is_still_exact() -> None:
+    probs = torch.full((4096,), 1 / 4096)  # flat (and exact in binary): the nucleus of 0.5 is 2,048 tokens
+    kept = top_p_filter(probs, 0.5)
+    assert int((kept > 0).sum()) == 2048
+
+
+def test_samples_follow_the_distribution() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    rng = make_generator(5)
+    draws = [sample(torch.log(probs), 1.0, 1.0, rng) for _ in range(6000)]
+    shares = [draws.count(i) / len(draws) for i in range(4)]
+    assert shares[3] == 0.0
+    assert shares[:3] == pytest.approx([0.5, 0.3, 0.2], abs=0.03)  # fixed seed: the same draws on every run
+
+
 def test_low_temperature_concentrates_on_the_top_token() -> None:
     logits = torch.tensor([2.0, 1.0, 0.0])
     rng = make_generator(11)
