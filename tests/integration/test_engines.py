@@ -96,6 +96,7 @@ def generate(
     max_tokens: int = 30,
     temperature: float = 0.0,
     messages: list[tuple[str, str]] | None = None,
+    stop: list[str] | None = None,
 ) -> list[pb.TokenResponse]:
     channel, stub = stub_for(worker)
     with channel:
@@ -108,6 +109,7 @@ def generate(
                     max_tokens=max_tokens,
                     temperature=temperature,
                     messages=[pb.ChatMessage(role=r, content=c) for r, c in messages or []],
+                    stop=stop or [],
                 ),
                 timeout=120,
             )
@@ -223,41 +225,13 @@ def test_concurrent_greedy_matches_alone(hf_worker: WorkerProcess) -> None:
 
 
 def test_stop_sequences_and_utf8(hf_worker: WorkerProcess) -> None:
-    channel, stub = stub_for(hf_worker)
-    with channel:
-        msgs = list(
-            stub.Generate(
-                pb.GenerateRequest(
-                    request_id="s",
-                    model="m",
-                    max_tokens=40,
-                    temperature=0,
-                    prompt="What is the capital of France?",
-                    stop=["Paris"],
-                ),
-                timeout=120,
-            )
-        )
-    text = "".join(m.token for m in msgs)
-    assert "Paris" not in text and msgs[-1].finish_reason == "stop"
+    question = "What is the capital of France?"
+    msgs = generate(hf_worker, question, max_tokens=40, stop=["Paris"])
+    assert "Paris" not in text_of(msgs) and msgs[-1].finish_reason == "stop"
     # A stop string of several tokens: none of its pieces reaches the client.
-    whole = text_of(generate(hf_worker, "What is the capital of France?", max_tokens=40))
+    whole = text_of(generate(hf_worker, question, max_tokens=40))
     assert "capital of France" in whole, whole
-    channel, stub = stub_for(hf_worker)
-    with channel:
-        msgs = list(
-            stub.Generate(
-                pb.GenerateRequest(
-                    request_id="s2",
-                    model="m",
-                    max_tokens=40,
-                    temperature=0,
-                    prompt="What is the capital of France?",
-                    stop=["capital of France"],
-                ),
-                timeout=120,
-            )
-        )
+    msgs = generate(hf_worker, question, max_tokens=40, stop=["capital of France"])
     assert text_of(msgs) == whole[: whole.index("capital of France")]
     msgs = generate(hf_worker, "Écris une phrase en français avec des accents, s'il te plaît.", max_tokens=40)
     text = "".join(m.token for m in msgs)
