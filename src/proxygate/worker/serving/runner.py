@@ -11,10 +11,9 @@ are computed only for the rows that are sampled.
 The weights are taken out of the transformers model once at start, with the
 query/key/value projections fused into one matrix and gate/up into another:
 two matmuls fewer per layer, and far fewer Python-level operations than the
-generic module tree (measured: 1.8x transformers' own `generate` for one
-stream, float32, on 2 CPU threads). The linear layers' weight format and
-kernel are `linear`'s business; activations and the KV cache are float32
-on a CPU.
+generic module tree (bench/RESULTS.md has the measurements). The linear
+layers' weight format and kernel are `linear`'s business; activations and
+the KV cache are float32 on a CPU.
 """
 
 from __future__ import annotations
