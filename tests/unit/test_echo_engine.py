@@ -33,7 +33,7 @@ def test_shared_word_prefix_is_reported_as_cached() -> None:
     assert (result.prompt_tokens, result.cached_tokens) == (22, 20)
     assert run(engine, prefix + " two three")[1].cached_tokens == 21  # all but the last word
     s = engine.stats()
-    assert (s.cache_queries, s.cache_hits, s.cache_hit_tokens) == (3, 2, 41)
+    assert (s.cache.queries, s.cache.hits, s.cache.hit_tokens) == (3, 2, 41)
 
 
 def test_least_recently_used_prompt_is_evicted() -> None:
@@ -41,7 +41,7 @@ def test_least_recently_used_prompt_is_evicted() -> None:
     run(engine, "a a a a")
     run(engine, "b b b b")
     run(engine, "a a a x")  # touches "a a a a", then holds it and "a a a x": "b b b b" is evicted
-    assert engine.stats().cache_evictions == 1
+    assert engine.stats().cache.evictions == 1
     assert run(engine, "b b b y")[1].cached_tokens == 0  # evicts "a a a a"
     assert run(engine, "a a a a z")[1].cached_tokens == 3  # only "a a a x" is left to share with
-    assert engine.stats().cache_evictions == 3
+    assert engine.stats().cache.evictions == 3

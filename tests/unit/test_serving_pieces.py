@@ -194,8 +194,8 @@ def test_match_reuses_and_counts() -> None:
     second = block_digests(list(range(8)) + [50, 51, 52, 53], 4)
     blocks = index.match(second)
     assert blocks == [filled[0][1], filled[1][1]]
-    index.record_lookup(12, 8)
-    index.record_lookup(12, 0)
+    index.counters.record(12, 8)
+    index.counters.record(12, 0)
     c = index.counters
     assert (c.queries, c.hits, c.query_tokens, c.hit_tokens) == (2, 1, 24, 8)
     assert [i for i, _ in index.insert(second)] == [2]  # only the new block is filled

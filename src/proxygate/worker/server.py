@@ -51,16 +51,14 @@ class ModelService(inference_pb2_grpc.ModelServiceServicer):  # type: ignore[mis
         try:
             async for token in tokens:
                 count += 1
-                if count == 1:  # the first message says what the prompt cost
-                    yield inference_pb2.TokenResponse(
-                        request_id=params.request_id,
-                        token=token,
-                        token_count=count,
-                        prompt_tokens=result.prompt_tokens,
-                        cached_tokens=result.cached_tokens,
-                    )
-                else:
-                    yield inference_pb2.TokenResponse(request_id=params.request_id, token=token, token_count=count)
+                first = count == 1  # the first message says what the prompt cost (0 = unset elsewhere)
+                yield inference_pb2.TokenResponse(
+                    request_id=params.request_id,
+                    token=token,
+                    token_count=count,
+                    prompt_tokens=result.prompt_tokens if first else 0,
+                    cached_tokens=result.cached_tokens if first else 0,
+                )
             yield inference_pb2.TokenResponse(
                 request_id=params.request_id,
                 finished=True,
@@ -106,11 +104,11 @@ class ModelService(inference_pb2_grpc.ModelServiceServicer):  # type: ignore[mis
             peak_active=s.peak_running,
             prefix_cache_capacity_bytes=s.cache_capacity_bytes,
             prefix_cache_used_bytes=s.cache_used_bytes,
-            prefix_cache_queries=s.cache_queries,
-            prefix_cache_hits=s.cache_hits,
-            prefix_cache_query_tokens=s.cache_query_tokens,
-            prefix_cache_hit_tokens=s.cache_hit_tokens,
-            prefix_cache_evictions=s.cache_evictions,
+            prefix_cache_queries=s.cache.queries,
+            prefix_cache_hits=s.cache.hits,
+            prefix_cache_query_tokens=s.cache.query_tokens,
+            prefix_cache_hit_tokens=s.cache.hit_tokens,
+            prefix_cache_evictions=s.cache.evictions,
         )
 
 

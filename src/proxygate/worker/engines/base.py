@@ -33,6 +33,24 @@ class GenerationResult:
 
 
 @dataclass(slots=True)
+class CacheCounters:
+    """A prefix cache's counters since the worker started (real or simulated)."""
+
+    queries: int = 0  # prompts looked up
+    hits: int = 0  # prompts that reused at least part of a cached prefix
+    query_tokens: int = 0
+    hit_tokens: int = 0
+    evictions: int = 0
+
+    def record(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self.queries += 1
+        self.query_tokens += prompt_tokens
+        if cached_tokens:
+            self.hits += 1
+            self.hit_tokens += cached_tokens
+
+
+@dataclass(slots=True)
 class EngineStats:
     """What Health reports of an engine: its load and its prefix cache."""
 
@@ -41,11 +59,7 @@ class EngineStats:
     peak_running: int = 0
     cache_capacity_bytes: int = 0
     cache_used_bytes: int = 0
-    cache_queries: int = 0  # prompts looked up in the prefix cache
-    cache_hits: int = 0  # prompts that reused at least one cached block
-    cache_query_tokens: int = 0
-    cache_hit_tokens: int = 0
-    cache_evictions: int = 0
+    cache: CacheCounters = field(default_factory=CacheCounters)
 
 
 class Engine(Protocol):

@@ -15,14 +15,14 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator
 
 from ..admission import PriorityGate
-from .base import EngineStats, GenerationParams, GenerationResult
+from .base import CacheCounters, EngineStats, GenerationParams, GenerationResult
 
 
 class SimulatedPrefixCache:
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self._prompts: OrderedDict[tuple[str, ...], None] = OrderedDict()
-        self.stats = EngineStats()
+        self.counters = CacheCounters()
 
     def lookup(self, words: list[str]) -> int:
         """Prompt words served from the cache; remembers the prompt."""
@@ -41,13 +41,8 @@ class SimulatedPrefixCache:
         self._prompts.move_to_end(key)
         while len(self._prompts) > self.slots:
             self._prompts.popitem(last=False)
-            self.stats.cache_evictions += 1
-        s = self.stats
-        s.cache_queries += 1
-        s.cache_query_tokens += len(words)
-        if cached:
-            s.cache_hits += 1
-            s.cache_hit_tokens += cached
+            self.counters.evictions += 1
+        self.counters.record(len(words), cached)
         return cached
 
 
@@ -87,16 +82,9 @@ class EchoEngine:
         return None
 
     def stats(self) -> EngineStats:
-        g, c = self._gate, self._cache.stats
+        g = self._gate
         return EngineStats(
-            waiting=g.waiting,
-            running=g.running,
-            peak_running=g.peak_running,
-            cache_queries=c.cache_queries,
-            cache_hits=c.cache_hits,
-            cache_query_tokens=c.cache_query_tokens,
-            cache_hit_tokens=c.cache_hit_tokens,
-            cache_evictions=c.cache_evictions,
+            waiting=g.waiting, running=g.running, peak_running=g.peak_running, cache=self._cache.counters
         )
 
     async def generate(self, params: GenerationParams, result: GenerationResult) -> AsyncGenerator[str, None]:

@@ -55,13 +55,9 @@ class HfEngine:
         c = core.stats
         out = EngineStats(waiting=c.waiting, running=c.running, peak_running=c.peak_running)
         if core.prefix is not None:
-            n = core.prefix.counters
-            block_bytes = core.kv.pool_bytes // max(1, core.kv.pool_blocks)
+            out.cache = core.prefix.counters
             out.cache_capacity_bytes = core.kv.pool_bytes
-            out.cache_used_bytes = core.prefix.used * block_bytes
-            out.cache_queries, out.cache_hits = n.queries, n.hits
-            out.cache_query_tokens, out.cache_hit_tokens = n.query_tokens, n.hit_tokens
-            out.cache_evictions = n.evictions
+            out.cache_used_bytes = core.prefix.used * (core.kv.pool_bytes // core.kv.pool_blocks)
         return out
 
     def encode_prompt(self, params: GenerationParams) -> list[int]:

@@ -261,7 +261,7 @@ class EngineCore:
             self.kv.load_blocks(seq.slot, blocks)
             # At least the last prompt token is computed again: its logits pick the first token.
             cached = min(len(blocks) * self.prefix.block_size, n - 1)
-            self.prefix.record_lookup(n, cached)
+            self.prefix.counters.record(n, cached)
         seq.computed = cached
         seq.detok = IncrementalDetokenizer(self.decode)
         seq.stopper = StopChecker(seq.params.stop)

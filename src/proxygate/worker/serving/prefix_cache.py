@@ -17,7 +17,8 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from ..engines.base import CacheCounters
 
 
 def block_digests(tokens: Sequence[int], block_size: int) -> list[bytes]:
@@ -29,15 +30,6 @@ def block_digests(tokens: Sequence[int], block_size: int) -> list[bytes]:
         parent = hashlib.blake2b(parent + chunk, digest_size=16).digest()
         out.append(parent)
     return out
-
-
-@dataclass(slots=True)
-class CacheCounters:
-    queries: int = 0  # prompts looked up
-    hits: int = 0  # prompts that reused at least one block
-    query_tokens: int = 0
-    hit_tokens: int = 0
-    evictions: int = 0
 
 
 class PrefixIndex:
@@ -63,14 +55,6 @@ class PrefixIndex:
         for d in reversed(digests[: len(found)]):
             self._blocks.move_to_end(d)
         return found
-
-    def record_lookup(self, prompt_tokens: int, cached_tokens: int) -> None:
-        c = self.counters
-        c.queries += 1
-        c.query_tokens += prompt_tokens
-        if cached_tokens:
-            c.hits += 1
-            c.hit_tokens += cached_tokens
 
     def insert(self, digests: Sequence[bytes]) -> list[tuple[int, int]]:
         """Make room for the chain's blocks not yet cached: (index in chain, pool block) to fill.
