@@ -252,6 +252,22 @@ GATEWAY_FLAGS: tuple[Flag, ...] = (
         "processes serving the listener (SO_REUSEPORT); auto: one per CPU. Rate limits and /metrics cover them all",
     ),
     Flag("upstream-idle-per-host", "256", parse_positive_int, "idle upstream keep-alive connections kept per host"),
+    Flag(
+        "routes", "", str, "model routes file (TOML: names, fallbacks, an auto small/large chooser); reloaded on change"
+    ),
+    Flag(
+        "routing-policy",
+        "prefix",
+        parse_choice("prefix", "least-loaded", "round-robin"),
+        "which free worker a request goes to: prefix (cache affinity balanced with load), least-loaded, round-robin",
+    ),
+    Flag(
+        "coalesce",
+        "on",
+        parse_bool,
+        "identical deterministic requests in flight share one generation (on|off)",
+        boolean=True,
+    ),
 )
 
 
@@ -293,6 +309,9 @@ class GatewaySettings:
     worker_eject_after: int = 3
     workers: int = 1
     upstream_idle_per_host: int = 256
+    routes: str = ""
+    routing_policy: str = "prefix"
+    coalesce: bool = True
 
 
 class _OneLineParser(argparse.ArgumentParser):

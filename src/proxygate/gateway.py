@@ -22,6 +22,8 @@ from .http.write_batch import WriteBatch
 from .inference.api import SeedInferenceApi
 from .inference.metrics import InferenceMetrics
 from .inference.openai_api import OpenAiApi
+from .inference.placement import build_placement
+from .inference.routes import RoutesFile
 from .inference.service import InferenceLimits, InferenceService
 from .observability.logging import AccessLog
 from .observability.metrics import GatewayMetrics
@@ -33,6 +35,7 @@ from .proxy.connect import open_tunnel, parse_authority
 from .proxy.dial import Dialer
 from .proxy.forward import Forwarder, Target, block_page
 from .proxy.upstream import UpstreamPool
+from .watched_file import WatchedFile
 
 log = logging.getLogger("proxygate.gateway")
 
@@ -85,6 +88,9 @@ class Gateway:
                 eject_after=settings.worker_eject_after,
             ),
             InferenceMetrics(self.metrics.registry),
+            routes=RoutesFile(settings.routes),
+            placement=build_placement(settings.routing_policy),
+            coalesce=settings.coalesce,
         )
         seed_api = SeedInferenceApi(self.inference, settings.max_tokens_limit, settings.max_prompt_bytes)
         self.api.add("/v1/inference", ("POST",), seed_api.handle)
@@ -100,6 +106,17 @@ class Gateway:
         self.dialer.policy = self.policy
         self.inference.start()
         self.ready = True
+
+    def watched_files(self) -> list[WatchedFile[Any]]:
+        """Configuration files reloaded on SIGHUP and when they change."""
+        files: list[WatchedFile[Any]] = [self.blocklist]
+        if self.inference.routes.path:
+            files.append(self.inference.routes)
+        return files
+
+    def reload_files(self) -> None:
+        for watched in self.watched_files():
+            watched.reload()
 
     # ---- connection bookkeeping ---------------------------------------------
 
@@ -228,6 +245,7 @@ class Gateway:
             duration_ms=elapsed * 1000.0,
             bytes_in=body.received if body is not None else (req.content_length or 0),
             bytes_out=conn.bytes_out,
+            fields=req.log_fields,
         )
 
     # ---- our own endpoints ---------------------------------------------------

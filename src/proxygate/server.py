@@ -1,8 +1,8 @@
 """Process lifecycle of `proxygate gateway`: listen, serve, reload, drain, exit.
 
 Signals: SIGTERM/SIGINT stop accepting at once and let in-flight requests and
-tunnels finish within -shutdown-timeout; SIGHUP reloads the blocklist, which
-is also reloaded when its file changes on disk.
+tunnels finish within -shutdown-timeout; SIGHUP reloads the blocklist and the
+routes file, each also reloaded when its file changes on disk.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from .config import GatewaySettings
 from .gateway import Gateway
 from .http.connection import ClientConnection
+from .inference.routes import RoutesError
 from .listeners import BACKLOG, listening_url, open_listeners
 from .policy.blocklist import BlocklistError
 from .policy.ratelimit import LimiterUnavailable, MemoryLimiter, RedisLimiter
@@ -44,8 +45,9 @@ async def _housekeeping(gateway: Gateway) -> None:
         gateway.access_log.flush()
         tick += 1
         if tick % ticks_per_watch == 0:
-            if gateway.blocklist.changed_on_disk():
-                gateway.blocklist.reload()
+            for watched in gateway.watched_files():
+                if watched.changed_on_disk():
+                    watched.reload()
             gateway.pool.sweep()
             gateway.metrics.publish()
             if isinstance(gateway.limiter, MemoryLimiter) and tick % (ticks_per_watch * 30) == 0:
@@ -70,6 +72,13 @@ async def serve(
     except (OSError, BlocklistError, UnicodeDecodeError) as exc:
         log.error("cannot load blocklist %s: %s", settings.blocklist, exc)
         return 1
+    routes = gateway.inference.routes
+    if routes.path:
+        try:
+            routes.load_initial()
+        except (OSError, RoutesError, UnicodeDecodeError) as exc:
+            log.error("cannot load routes %s: %s", routes.path, exc)
+            return 1
     if isinstance(gateway.limiter, RedisLimiter):
         try:
             await gateway.limiter.ping()
@@ -104,7 +113,7 @@ async def serve(
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, gateway.blocklist.reload)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload_files)
     housekeeping = loop.create_task(_housekeeping(gateway))
     try:
         await stop.wait()

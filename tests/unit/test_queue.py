@@ -44,9 +44,9 @@ def test_removal_and_bound() -> None:
     a, b = Ticket("", 1), Ticket("", 1)
     q.push(a)
     q.push(b)
-    assert q.full
+    assert q.full_for("")
     assert q.remove(a) and not q.remove(a)
-    assert len(q) == 1 and not q.full
+    assert len(q) == 1 and not q.full_for("")
     assert [t for t, _ in assign(q, [FakeWorker("w")])] == [b]
 
 

@@ -84,6 +84,8 @@ class Request:
     # A client EOF means the client is gone (streams to people, not uploads
     # from half-closing scripts): stop the work instead of finishing it.
     abort_on_client_eof: bool = False
+    # Extra access-log fields a handler adds (the inference route and model).
+    log_fields: tuple[tuple[str, str], ...] = ()
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a header, by lower-case name."""

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BadRequest
 from ..http.message import Request
-from .fields import common_options, prompt_field, read_json_body
+from .fields import announce_route, common_options, prompt_field, read_json_body
 from .service import GenerationFailed, GenerationRequest, InferenceService
 from .sse import SseWriter
 
@@ -29,6 +29,7 @@ def parse_generation(
     return GenerationRequest(
         request_id=request_id,
         prompt=prompt_field(body.get("prompt"), "prompt", max_prompt_bytes),
+        max_tokens_explicit=body.get("max_tokens") is not None,
         **common_options(
             body,
             max_tokens_limit=max_tokens_limit,
@@ -59,6 +60,8 @@ class SeedInferenceApi:
         stream = self.service.stream(gen)  # an async generator: closed below whatever happens
         try:
             async for resp in stream:
+                if not sse.started:
+                    announce_route(req, gen)
                 event: dict[str, Any] = {"request_id": gen.request_id}
                 if resp.token:
                     event["token"] = resp.token

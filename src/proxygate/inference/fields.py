@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import BadRequest, PayloadTooLarge
 from ..http.message import Request
-from .service import DEFAULT_MODEL
+from .service import DEFAULT_MODEL, GenerationRequest, routing_head
 
 MAX_BODY = 1024 * 1024
 
@@ -100,3 +100,9 @@ def common_options(
         "top_p": number_field(body, "top_p", 0.0, 0.0, 1.0),
         "seed": seed,
     }
+
+
+def announce_route(req: Request, gen: GenerationRequest) -> None:
+    """Once the serving model is known: response headers and access-log fields say how `gen` was routed."""
+    req.extra_head += routing_head(gen)
+    req.log_fields = (("route", gen.route), ("model", gen.served_model))

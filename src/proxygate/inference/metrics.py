@@ -7,7 +7,7 @@ Label values are bounded: `model` is a model some worker reported, the seed's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -91,7 +91,18 @@ class InferenceMetrics:
                 ("prefix_cache_evictions", "evictions", "Prefix cache blocks evicted"),
             )
         }
-        self._known_models: set[str] = set()
+        self.routed = Counter(
+            "inference_routed_total",
+            "Routing decisions: the name asked for, the model chosen, and why (direct, small, large, fallback)",
+            ["route", "model", "reason"],
+            registry=r,
+        )
+        self.coalesced = Counter(
+            "inference_coalesced_requests_total",
+            "Requests that joined an identical generation already in flight",
+            ["model"],
+            registry=r,
+        )
         self._workers: Sequence[WorkerClient] = ()
 
     def track_workers(self, workers: Sequence[WorkerClient]) -> None:
@@ -103,6 +114,10 @@ class InferenceMetrics:
             self.worker_active.labels(w.id).set_function(partial(_active, w))
             for field, gauge in self.worker_cache.items():
                 gauge.labels(w.id).set_function(partial(_health_field, w, field))
+
+    def route_label(self, route: str, table: Mapping[str, object]) -> str:
+        """A route name from the table, or else a model label."""
+        return route if route in table else self.model_label(route)
 
     def model_label(self, model: str) -> str:
         if model in ("", "default-model"):

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BadRequest, HttpError
 from ..http.message import Request
-from .fields import common_options, prompt_field, read_json_body
-from .service import DEFAULT_MODEL, GenerationFailed, GenerationRequest, InferenceService
+from .fields import announce_route, common_options, prompt_field, read_json_body
+from .service import GenerationFailed, GenerationRequest, InferenceService
 from .sse import SseWriter
 
 if TYPE_CHECKING:
@@ -67,9 +67,7 @@ class OpenAiApi:
     # ---- routes ----------------------------------------------------------------
 
     async def models(self, req: Request, conn: ClientConnection) -> None:
-        names = sorted(self.service.pool.models())
-        if self.service.pool.has_wildcard() or not names:
-            names.insert(0, DEFAULT_MODEL)
+        names = self.service.served_names()
         data = [{"id": n, "object": "model", "created": 0, "owned_by": "proxygate"} for n in names]
         conn.send(200, [(b"Content-Type", b"application/json")], _dumps({"object": "list", "data": data}).encode())
 
@@ -110,6 +108,9 @@ class OpenAiApi:
                 default_temperature=1.0,
                 header_priority=None,
             )["max_tokens"]
+        options["max_tokens_explicit"] = body.get("max_tokens") is not None or (
+            chat and body.get("max_completion_tokens") is not None
+        )
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest("stream must be a boolean")
@@ -164,8 +165,13 @@ class OpenAiApi:
         outcome = _Outcome()
         sse = SseWriter(conn, req) if stream else None
         tokens = self.service.stream(gen)
+        routed = False
         try:
             async for resp in tokens:
+                if not routed:
+                    routed = True
+                    announce_route(req, gen)
+                    base["model"] = gen.served_model
                 if resp.prompt_tokens:
                     outcome.prompt_tokens = resp.prompt_tokens
                     outcome.cached_tokens = resp.cached_tokens

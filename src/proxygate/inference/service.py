@@ -1,4 +1,4 @@
-"""The inference plane: admission, queue, dispatch to workers, token streams.
+"""The inference plane: routing, admission, coalescing, queue, dispatch, token streams.
 
 `InferenceService.stream()` is an async generator of the worker's
 TokenResponse messages for one validated request. Before the first token it
@@ -6,6 +6,12 @@ may still raise an `HttpError` (the API answers with a status); after it, a
 failure raises `GenerationFailed` (the API ends the stream with an error
 event). A worker that fails before the first token is excluded and the
 request goes back to the head of its queue for another worker.
+
+Per request: the route table names the candidate models (`routes`); the first
+candidate with a healthy worker and room in its queue is taken; an identical
+deterministic request already in flight is joined instead of queued
+(`coalesce`); otherwise the request waits in the priority queue until the
+placement policy (`placement`) gives it a free worker.
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ import grpc
 
 from .._pb import inference_pb2
 from ..errors import BadGateway, GatewayTimeout, NotFound, ServiceUnavailable
+from .coalesce import Coalescer, coalesce_key
 from .metrics import InferenceMetrics
+from .placement import Placement, PrefixAffinity, prompt_blocks
 from .queue import ANY_MODEL, RequestQueue, Ticket
+from .routes import RouteChoice, RoutesFile
 from .scheduler import assign
 from .workers import WorkerClient, WorkerPool
 
@@ -53,6 +62,25 @@ class GenerationRequest:
     seed: int | None = None
     raw_prompt: bool = False
     messages: list[tuple[str, str]] = field(default_factory=list)
+    max_tokens_explicit: bool = True  # False: max_tokens is the API's default
+    # Set by the service: the route name asked for, why it went where it went,
+    # and the model that served it.
+    route: str = ""
+    route_reason: str = ""
+    served_model: str = ""
+
+    def rule_text(self) -> str:
+        """What routing patterns look at: the last user message, or the prompt."""
+        for role, content in reversed(self.messages):
+            if role == "user":
+                return content
+        return self.prompt
+
+    def full_text(self) -> str:
+        """The whole input as text: for token estimates and prefix digests."""
+        if not self.messages:
+            return self.prompt
+        return "".join(f"{role}\x1f{content}\x1e" for role, content in self.messages)
 
     def to_proto(self) -> inference_pb2.GenerateRequest:
         return inference_pb2.GenerateRequest(
@@ -74,6 +102,10 @@ class GenerationRequest:
 class GenerationFailed(Exception):
     """A generation failed after its first token was sent."""
 
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
 
 def priority_label(priority: int) -> str:
     return "high" if priority >= 8 else "medium" if priority >= 4 else "low"
@@ -83,10 +115,34 @@ def queue_key(model: str) -> str:
     return ANY_MODEL if model in ("", DEFAULT_MODEL) else model
 
 
+def routing_head(req: GenerationRequest) -> bytes:
+    """The response header lines that say how a request was routed."""
+    return b"X-Proxygate-Route: %s\r\nX-Proxygate-Model: %s\r\n" % (
+        _header_safe(req.route),
+        _header_safe(req.served_model),
+    )
+
+
+def _header_safe(text: str) -> bytes:
+    return text.encode("ascii", "replace").translate(None, b"\r\n")[:256]
+
+
 class InferenceService:
-    def __init__(self, worker_addrs: tuple[str, ...], limits: InferenceLimits, metrics: InferenceMetrics) -> None:
+    def __init__(
+        self,
+        worker_addrs: tuple[str, ...],
+        limits: InferenceLimits,
+        metrics: InferenceMetrics,
+        *,
+        routes: RoutesFile | None = None,
+        placement: Placement | None = None,
+        coalesce: bool = True,
+    ) -> None:
         self.limits = limits
         self.metrics = metrics
+        self.routes = routes or RoutesFile("")
+        self.placement = placement or PrefixAffinity()
+        self.coalescer = Coalescer() if coalesce else None
         self.queue = RequestQueue(limits.max_queue)
         self.pool = WorkerPool(
             worker_addrs, self.schedule, limits.health_interval, limits.health_timeout, limits.eject_after
@@ -109,7 +165,7 @@ class InferenceService:
     # ---- scheduling ------------------------------------------------------------
 
     def schedule(self) -> None:
-        for ticket, worker in assign(self.queue, self.pool.workers):
+        for ticket, worker in assign(self.queue, self.pool.workers, self.placement):
             waiter: asyncio.Future[WorkerClient] = ticket.payload
             if waiter.done():  # its client left between queueing and now
                 worker.active -= 1
@@ -121,10 +177,22 @@ class InferenceService:
         worker.active -= 1
         self.schedule()
 
-    # ---- admission -------------------------------------------------------------
+    # ---- routing and admission -------------------------------------------------
 
-    def admit(self, req: GenerationRequest) -> None:
-        """Refuse before queueing: 503 when we cannot serve soon, 404 for an unknown model."""
+    def served_names(self) -> list[str]:
+        """What /v1/models lists: route names, then the models workers serve."""
+        names = self.routes.current.names()
+        models = sorted(self.pool.models() - set(names))
+        wildcard = self.pool.has_wildcard() or not (names or models)
+        return ([DEFAULT_MODEL] if wildcard else []) + names + models
+
+    def route(self, req: GenerationRequest) -> str:
+        """Pick the model that will serve `req` (its queue key), or refuse.
+
+        503 when we cannot serve soon, 404 for a name neither the route table
+        nor any worker knows. Sets `req.route`, `req.route_reason`, and caps
+        `req.max_tokens` at the route's limit.
+        """
         if not self.accepting:
             raise ServiceUnavailable("shutting down", headers=[(b"Retry-After", b"5")])
         if not self.pool.workers:
@@ -133,12 +201,38 @@ class InferenceService:
             )
         if not any(w.available for w in self.pool.workers):
             raise ServiceUnavailable("no healthy inference workers", headers=[(b"Retry-After", b"5")])
-        key = queue_key(req.model)
-        if key and not self.pool.has_wildcard() and key not in self.pool.models():
-            available = ", ".join(sorted(self.pool.models())) or "none"
-            raise NotFound(f"model {req.model!r} not found; available: {available}")
-        if self.queue.full:
+        choice = self.routes.current.resolve(
+            req.model, req.rule_text(), req.max_tokens if req.max_tokens_explicit else None
+        )
+        if choice is None:
+            key = queue_key(req.model)
+            if key and not self.pool.has_wildcard() and key not in self.pool.models():
+                available = ", ".join(self.served_names()) or "none"
+                raise NotFound(f"model {req.model!r} not found; available: {available}")
+            choice = RouteChoice(req.model, (key,), "direct")
+        if choice.max_tokens is not None:
+            req.max_tokens = min(req.max_tokens, choice.max_tokens)
+        req.route = choice.route
+        full = False
+        for index, model in enumerate(choice.candidates):
+            if not any(w.available and w.serves(model) for w in self.pool.workers):
+                continue
+            if self.queue.full_for(model):
+                full = True
+                continue
+            req.route_reason = choice.reason if index == 0 else "fallback"
+            self.metrics.routed.labels(
+                self.metrics.route_label(req.route, self.routes.current.routes),
+                self.metrics.model_label(model),
+                req.route_reason,
+            ).inc()
+            return model
+        if full:
             raise ServiceUnavailable("inference queue is full", headers=[(b"Retry-After", b"2")])
+        raise ServiceUnavailable(
+            f"no healthy worker serves {req.model!r} ({', '.join(m or 'any' for m in choice.candidates)})",
+            headers=[(b"Retry-After", b"5")],
+        )
 
     async def _wait_for_worker(self, ticket: Ticket, deadline: float, retry: bool) -> WorkerClient:
         loop = asyncio.get_running_loop()
@@ -163,84 +257,65 @@ class InferenceService:
     # ---- one generation -------------------------------------------------------
 
     async def stream(self, req: GenerationRequest) -> AsyncGenerator[inference_pb2.TokenResponse, None]:
-        self.admit(req)
+        model = self.route(req)
         loop = asyncio.get_running_loop()
         m = self.metrics
-        model_label = m.model_label(req.model)
+        model_label = m.model_label(model or req.model)
         prio = priority_label(req.priority)
         deadline = loop.time() + (self.limits.inference_timeout or 1e9)
-        ticket = Ticket(model=queue_key(req.model), priority=req.priority)
         submitted = time.perf_counter()
+        key = coalesce_key(req, model) if self.coalescer is not None else None
+        shared = self.coalescer.find(key) if self.coalescer is not None and key is not None else None
+        source: AsyncGenerator[inference_pb2.TokenResponse, None]
+        if shared is not None:
+            m.coalesced.labels(model_label).inc()
+            ticket = shared.ticket
+            if ticket.queued:
+                self.queue.raise_priority(ticket, req.priority)
+                self.schedule()
+            source = shared.follow()
+        else:
+            if self.queue.full_for(model):
+                raise ServiceUnavailable("inference queue is full", headers=[(b"Retry-After", b"2")])
+            ticket = Ticket(model=model, priority=req.priority)
+            if isinstance(self.placement, PrefixAffinity):
+                ticket.blocks, ticket.block_span = prompt_blocks(req.full_text())
+            dispatch = self._dispatch(req, ticket, deadline, submitted)
+            if self.coalescer is not None and key is not None:
+                shared = self.coalescer.start(key, dispatch, ticket)
+                source = shared.follow()
+            else:
+                source = dispatch
         status = "error"
-        tokens = 0
-        prompt_tokens = cached_tokens = 0
-        first_token_at: float | None = None
+        tokens = prompt_tokens = cached_tokens = 0
+        first = True
         self.in_flight += 1
         m.in_flight.set(self.in_flight)
-        message = req.to_proto()
-        retry = False
         try:
-            while True:
-                worker = await self._wait_for_worker(ticket, deadline, retry)
-                dispatched = time.perf_counter()
-                if not retry:
-                    m.queue_wait.labels(model_label, prio).observe(dispatched - submitted)
-                worker_status = "error"
-                call = worker.stub.Generate(message, timeout=max(0.001, deadline - loop.time()))
-                try:
-                    async for resp in call:
-                        if resp.error:
-                            worker_status = "error"
-                            if first_token_at is None:
-                                raise BadGateway(f"generation failed: {_one_line(resp.error)}")
-                            raise GenerationFailed(_one_line(resp.error))
-                        if first_token_at is None:
-                            first_token_at = time.perf_counter()
-                            m.ttft.labels(model_label).observe(first_token_at - submitted)
-                        tokens = resp.token_count or tokens + (1 if resp.token else 0)
-                        if resp.prompt_tokens:
-                            prompt_tokens, cached_tokens = resp.prompt_tokens, resp.cached_tokens
-                        yield resp
-                        if resp.finished:
-                            worker_status = "success"
-                            status = "success"
-                            return
-                    raise GenerationFailed("worker ended the stream without finishing")
-                except grpc.aio.AioRpcError as exc:
-                    code = exc.code()
-                    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                        worker_status = status = "timeout"
-                        if first_token_at is None:
-                            raise GatewayTimeout("inference timed out") from None
-                        raise GenerationFailed("inference timed out") from None
-                    if code == grpc.StatusCode.UNAVAILABLE and worker.eject_now(exc.details() or "unavailable"):
-                        self.schedule()
-                    else:
-                        worker.record_failure(f"{code.name}: {exc.details()}")
-                    if first_token_at is not None:
-                        raise GenerationFailed(f"worker {worker.id} failed: {code.name}") from None
-                    # Nothing reached the client yet: try another worker.
-                    ticket.excluded.add(worker.id)
-                    if not any(w.serves(ticket.model) and w.id not in ticket.excluded for w in self.pool.workers):
-                        raise ServiceUnavailable(
-                            f"inference workers failed: {code.name}", headers=[(b"Retry-After", b"2")]
-                        ) from None
-                    log.info(
-                        "request %s: worker %s failed before the first token (%s); retrying",
-                        req.request_id,
-                        worker.id,
-                        code.name,
-                    )
-                    retry = True
-                finally:
-                    call.cancel()
-                    m.processing.labels(model_label, worker.id).observe(time.perf_counter() - dispatched)
-                    m.worker_requests.labels(worker.id, worker_status).inc()
-                    self._release(worker)
+            async for resp in source:
+                if first:
+                    first = False
+                    m.ttft.labels(model_label).observe(time.perf_counter() - submitted)
+                    req.served_model = ticket.served_model or req.model
+                tokens = resp.token_count or tokens + (1 if resp.token else 0)
+                if resp.prompt_tokens:
+                    prompt_tokens, cached_tokens = resp.prompt_tokens, resp.cached_tokens
+                yield resp
+                if resp.finished:
+                    status = "success"
+                    return
+            raise GenerationFailed("worker ended the stream without finishing")
+        except GatewayTimeout:
+            status = "timeout"
+            raise
+        except GenerationFailed as exc:
+            status = "timeout" if exc.timed_out else "error"
+            raise
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
             raise
         finally:
+            await source.aclose()
             self.in_flight -= 1
             m.in_flight.set(self.in_flight)
             m.requests.labels(model_label, prio, status).inc()
@@ -250,6 +325,71 @@ class InferenceService:
             if prompt_tokens:
                 m.prompt_tokens.labels(model_label).inc(prompt_tokens)
                 m.cached_tokens.labels(model_label).inc(cached_tokens)
+
+    async def _dispatch(
+        self, req: GenerationRequest, ticket: Ticket, deadline: float, submitted: float
+    ) -> AsyncGenerator[inference_pb2.TokenResponse, None]:
+        """One worker generation for `ticket`: queue, call, retry elsewhere before the first token."""
+        loop = asyncio.get_running_loop()
+        m = self.metrics
+        model_label = m.model_label(ticket.model or req.model)
+        message = req.to_proto()
+        retry = False
+        first = True
+        while True:
+            worker = await self._wait_for_worker(ticket, deadline, retry)
+            dispatched = time.perf_counter()
+            if not retry:
+                m.queue_wait.labels(model_label, priority_label(ticket.priority)).observe(dispatched - submitted)
+            ticket.served_model = ticket.model or worker.only_model or ""
+            worker_status = "error"
+            call = worker.stub.Generate(message, timeout=max(0.001, deadline - loop.time()))
+            try:
+                async for resp in call:
+                    if resp.error:
+                        if first:
+                            raise BadGateway(f"generation failed: {_one_line(resp.error)}")
+                        raise GenerationFailed(_one_line(resp.error))
+                    if first:
+                        first = False
+                        self.placement.observed(worker.id, ticket, resp.prompt_tokens, resp.cached_tokens)
+                    if resp.finished:
+                        worker_status = "success"  # before the yield: the consumer may close us there
+                    yield resp
+                    if resp.finished:
+                        return
+                raise GenerationFailed("worker ended the stream without finishing")
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    worker_status = "timeout"
+                    if first:
+                        raise GatewayTimeout("inference timed out") from None
+                    raise GenerationFailed("inference timed out", timed_out=True) from None
+                if code == grpc.StatusCode.UNAVAILABLE and worker.eject_now(exc.details() or "unavailable"):
+                    self.schedule()
+                else:
+                    worker.record_failure(f"{code.name}: {exc.details()}")
+                if not first:
+                    raise GenerationFailed(f"worker {worker.id} failed: {code.name}") from None
+                # Nothing reached the client yet: try another worker.
+                ticket.excluded.add(worker.id)
+                if not any(w.serves(ticket.model) and w.id not in ticket.excluded for w in self.pool.workers):
+                    raise ServiceUnavailable(
+                        f"inference workers failed: {code.name}", headers=[(b"Retry-After", b"2")]
+                    ) from None
+                log.info(
+                    "request %s: worker %s failed before the first token (%s); retrying",
+                    req.request_id,
+                    worker.id,
+                    code.name,
+                )
+                retry = True
+            finally:
+                call.cancel()
+                m.processing.labels(model_label, worker.id).observe(time.perf_counter() - dispatched)
+                m.worker_requests.labels(worker.id, worker_status).inc()
+                self._release(worker)
 
 
 def _one_line(text: str) -> str:

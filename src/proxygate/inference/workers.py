@@ -50,6 +50,13 @@ class WorkerClient:
     def free_slots(self) -> int:
         return self.capacity - self.active if self.available else 0
 
+    @property
+    def only_model(self) -> str | None:
+        """The model this worker serves when it reports exactly one."""
+        if self.models is not None and len(self.models) == 1:
+            return next(iter(self.models))
+        return None
+
     def serves(self, model: str) -> bool:
         return self.models is None or not model or model in self.models
 

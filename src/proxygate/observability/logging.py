@@ -94,6 +94,7 @@ class AccessLog:
         duration_ms: float,
         bytes_in: int,
         bytes_out: int,
+        fields: tuple[tuple[str, str], ...] = (),
     ) -> None:
         stamp = self._timestamp()
         if self.json:
@@ -103,12 +104,14 @@ class AccessLog:
                 f'{{"time":"{stamp}","level":"info","msg":"request","request_id":"{request_id}",'
                 f'"status":{status},"method":"{method}","host":{_json_str(host)},'
                 f'"path":{_json_str(path)},"client_ip":"{client_ip}","duration_ms":{duration_ms:.3f},'
-                f'"bytes_in":{bytes_in},"bytes_out":{bytes_out}}}\n'
+                f'"bytes_in":{bytes_in},"bytes_out":{bytes_out}'
+                + "".join(f",{_json_str(k)}:{_json_str(v)}" for k, v in fields)
+                + "}\n"
             )
         else:
             line = (
                 f"{stamp} {client_ip} {request_id} {method} {host}{path} {status} "
-                f"{duration_ms:.1f}ms in={bytes_in} out={bytes_out}\n"
+                f"{duration_ms:.1f}ms in={bytes_in} out={bytes_out}" + "".join(f" {k}={v}" for k, v in fields) + "\n"
             )
         data = line.encode("utf-8", "replace")
         self._lines.append(data)

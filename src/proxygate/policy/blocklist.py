@@ -10,9 +10,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from ..watched_file import WatchedFile
 
 log = logging.getLogger("proxygate.blocklist")
 
@@ -105,44 +106,16 @@ def parse_blocklist(text: str) -> Blocklist:
     return Blocklist.from_entries(entries)
 
 
-class BlocklistFile:
-    """The current blocklist of one file, reloaded when asked or when it changes."""
+class BlocklistFile(WatchedFile[Blocklist]):
+    """The current blocklist of one file (`current`), reloaded when asked or when it changes."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        self.current = Blocklist()
-        self._stamp: tuple[int, int, int] | None = None
-
-    def _file_stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-    def load_initial(self) -> None:
-        """At start a missing file is a warning and an empty list; a broken one is fatal."""
-        self._stamp = self._file_stamp()
-        if self._stamp is None:
-            log.warning("blocklist %s not found; blocking nothing", self.path)
-            return
-        with open(self.path, encoding="utf-8") as fh:
-            self.current = parse_blocklist(fh.read())
-        log.info("blocklist loaded: %d entries from %s", len(self.current), self.path)
-
-    def reload(self) -> bool:
-        """Read the file again; on any error keep the old list. Whether it changed."""
-        self._stamp = self._file_stamp()
-        try:
-            with open(self.path, encoding="utf-8") as fh:
-                new = parse_blocklist(fh.read())
-        except (OSError, BlocklistError, UnicodeDecodeError) as exc:
-            log.error("blocklist reload failed, keeping %d entries: %s", len(self.current), exc)
-            return False
-        self.current = new
-        log.info("blocklist reloaded: %d entries from %s", len(new), self.path)
-        return True
-
-    def changed_on_disk(self) -> bool:
-        stamp = self._file_stamp()
-        return stamp is not None and stamp != self._stamp
+        super().__init__(
+            "blocklist",
+            path,
+            parse_blocklist,
+            Blocklist(),
+            lambda b: f"{len(b)} entries",
+            BlocklistError,
+            missing_ok=True,
+        )
