@@ -23,6 +23,7 @@ from .inference.api import SeedInferenceApi
 from .inference.metrics import InferenceMetrics
 from .inference.openai_api import OpenAiApi
 from .inference.placement import build_placement
+from .inference.relay import RELAYED_PATHS, InferenceRelay, RelayedApi
 from .inference.routes import RoutesFile
 from .inference.service import InferenceLimits, InferenceService
 from .observability.logging import AccessLog
@@ -48,6 +49,7 @@ class Gateway:
         metrics: GatewayMetrics | None = None,
         access_log: AccessLog | None = None,
         limiter: RateLimiter | None = None,
+        inference_relay: str = "",
     ) -> None:
         self.settings = settings
         self.metrics = metrics or GatewayMetrics()
@@ -77,7 +79,20 @@ class Gateway:
         self.api.add("/metrics", ("GET",), self._metrics)
         self.api.add("/healthz", ("GET",), self._healthz)
         self.api.add("/readyz", ("GET",), self._readyz)
-        self.inference = InferenceService(
+        self.inference: InferenceService | None = None
+        self.relay: InferenceRelay | None = None
+        if inference_relay:
+            # Another process owns the inference plane: relay /v1/* to it.
+            timeout = settings.queue_timeout + settings.inference_timeout if settings.inference_timeout else 0
+            self.relay = InferenceRelay(inference_relay, self.writes, timeout)
+            for path in RELAYED_PATHS:
+                self.api.add(path.decode(), ("GET",) if path == b"/v1/models" else ("POST",), self.relay.handle)
+        else:
+            self.inference = self._inference_plane(settings)
+        self._all_closed: asyncio.Event | None = None
+
+    def _inference_plane(self, settings: GatewaySettings) -> InferenceService:
+        service = InferenceService(
             settings.worker_addrs,
             InferenceLimits(
                 max_queue=settings.max_queue,
@@ -92,25 +107,30 @@ class Gateway:
             placement=build_placement(settings.routing_policy),
             coalesce=settings.coalesce,
         )
-        seed_api = SeedInferenceApi(self.inference, settings.max_tokens_limit, settings.max_prompt_bytes)
+        seed_api = SeedInferenceApi(service, settings.max_tokens_limit, settings.max_prompt_bytes)
         self.api.add("/v1/inference", ("POST",), seed_api.handle)
-        openai = OpenAiApi(self.inference, settings.max_tokens_limit, settings.max_prompt_bytes)
+        openai = OpenAiApi(service, settings.max_tokens_limit, settings.max_prompt_bytes)
         self.api.add("/v1/models", ("GET",), openai.models)
         self.api.add("/v1/completions", ("POST",), openai.completions)
         self.api.add("/v1/chat/completions", ("POST",), openai.chat_completions)
-        self._all_closed: asyncio.Event | None = None
+        return service
+
+    def relayed_api(self) -> RelayedApi:
+        """The application serving sibling processes' relayed /v1/* requests (owner only)."""
+        return RelayedApi(self.settings, self.writes, self.api, self)
 
     def bound(self, port: int) -> None:
         """The listener is up on `port` (known only now when asked for port 0)."""
         self.policy = DestinationPolicy.from_settings(self.settings, bound_port=port)
         self.dialer.policy = self.policy
-        self.inference.start()
+        if self.inference is not None:
+            self.inference.start()
         self.ready = True
 
     def watched_files(self) -> list[WatchedFile[Any]]:
         """Configuration files reloaded on SIGHUP and when they change."""
         files: list[WatchedFile[Any]] = [self.blocklist]
-        if self.inference.routes.path:
+        if self.inference is not None and self.inference.routes.path:
             files.append(self.inference.routes)
         return files
 
@@ -121,12 +141,19 @@ class Gateway:
     # ---- connection bookkeeping ---------------------------------------------
 
     def connection_opened(self, conn: ClientConnection) -> None:
-        self.connections.add(conn)
+        self.track(conn)
         self.metrics.active_connections.inc()
 
     def connection_closed(self, conn: ClientConnection) -> None:
-        self.connections.discard(conn)
+        self.untrack(conn)
         self.metrics.active_connections.dec()
+
+    def track(self, conn: ClientConnection) -> None:
+        """A connection that shutdown waits for (a client's, or a relayed one)."""
+        self.connections.add(conn)
+
+    def untrack(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
         if self._all_closed is not None and not self.connections:
             self._all_closed.set()
 
@@ -273,7 +300,8 @@ class Gateway:
         Returns how many had to be aborted.
         """
         self.shutting_down = True
-        self.inference.accepting = False
+        if self.inference is not None:
+            self.inference.accepting = False
         self._all_closed = asyncio.Event()
         for conn in list(self.connections):
             conn.shutdown()
@@ -286,7 +314,10 @@ class Gateway:
         for conn in left:
             conn.abort()
         self.pool.close_all()
-        await self.inference.aclose()
+        if self.relay is not None:
+            self.relay.close()
+        if self.inference is not None:
+            await self.inference.aclose()
         if self.limiter is not None:
             await self.limiter.aclose()
         self.access_log.flush()

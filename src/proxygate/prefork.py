@@ -6,9 +6,11 @@ with SO_REUSEPORT (the kernel spreads new connections over them), and then
 only relays signals and replaces a process that dies. What must be one
 across processes is made so before the fork: the memory rate limiter's
 buckets live in shared memory, and /metrics merges every process's
-snapshot. Redis limits are shared by nature. Each process keeps its own
-upstream pool and its own inference queue; a model worker's capacity is
-therefore tracked per process (see README, "Several processes").
+snapshot. Redis limits are shared by nature. The inference plane is one:
+the first process owns it (the queue, the workers' capacity, coalescing and
+the prefix index) and the others relay `/v1/*` to it over a unix socket in
+the runtime folder (`inference/relay.py`). Each process keeps its own
+upstream pool.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class ChildContext:
     limiter: RateLimiter | None  # shared by every process; None: each makes its own
     exchange: MetricsExchange
     ready: Callable[[int], None]
+    inference_socket: str  # the inference plane's socket: served by index 0, relayed to by the others
 
 
 @dataclass(slots=True)
@@ -68,8 +71,20 @@ def serve_child(settings: GatewaySettings, ctx: ChildContext) -> int:
     from .server import serve
 
     async def main() -> int:
-        gateway = Gateway(settings, metrics=GatewayMetrics(exchange=ctx.exchange), limiter=ctx.limiter)
-        return await serve(settings, gateway, listeners=ctx.listeners, on_listening=ctx.ready)
+        owner = ctx.index == 0
+        gateway = Gateway(
+            settings,
+            metrics=GatewayMetrics(exchange=ctx.exchange),
+            limiter=ctx.limiter,
+            inference_relay="" if owner else ctx.inference_socket,
+        )
+        return await serve(
+            settings,
+            gateway,
+            listeners=ctx.listeners,
+            on_listening=ctx.ready,
+            inference_socket=ctx.inference_socket if owner else "",
+        )
 
     return run(main)
 
@@ -135,6 +150,7 @@ class Supervisor:
                 limiter=self.limiter,
                 exchange=MetricsExchange(self.metrics_dir, index, OBSERVED_GAUGES),
                 ready=lambda _port: _write_index(self.ready_w, index),
+                inference_socket=os.path.join(self.metrics_dir, "inference.sock"),
             )
             code = self.child_main(self.settings, ctx)
         except BaseException:

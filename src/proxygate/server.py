@@ -8,7 +8,9 @@ routes file, each also reloaded when its file changes on disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -60,11 +62,14 @@ async def serve(
     *,
     listeners: list[socket.socket] | None = None,
     on_listening: Callable[[int], None] | None = None,
+    inference_socket: str = "",
 ) -> int:
     """Run the gateway until a stop signal; the process exit code.
 
     One of several processes (`prefork`) gets its `listeners` and reports
     readiness through `on_listening`; alone, it opens and announces its own.
+    The one that owns the inference plane for the others also serves their
+    relayed requests on `inference_socket`.
     """
     gateway = gateway or Gateway(settings)
     try:
@@ -72,8 +77,8 @@ async def serve(
     except (OSError, BlocklistError, UnicodeDecodeError) as exc:
         log.error("cannot load blocklist %s: %s", settings.blocklist, exc)
         return 1
-    routes = gateway.inference.routes
-    if routes.path:
+    routes = gateway.inference.routes if gateway.inference is not None else None
+    if routes is not None and routes.path:
         try:
             routes.load_initial()
         except (OSError, RoutesError, UnicodeDecodeError) as exc:
@@ -100,6 +105,11 @@ async def serve(
             await loop.create_server(lambda: ClientConnection(gateway), sock=sock, ssl=ssl_ctx, backlog=BACKLOG)
             for sock in socks
         ]
+        if inference_socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(inference_socket)  # left by a predecessor that crashed
+            relayed = gateway.relayed_api()
+            servers.append(await loop.create_unix_server(lambda: ClientConnection(relayed), path=inference_socket))
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc)
         return 1

@@ -36,12 +36,15 @@ def test_shared_word_prefix_is_reported_as_cached() -> None:
     assert (s.cache.queries, s.cache.hits, s.cache.hit_tokens) == (3, 2, 41)
 
 
-def test_least_recently_used_prompt_is_evicted() -> None:
+def test_least_recently_used_prompt_family_is_evicted() -> None:
     engine = EchoEngine(prefix_slots=2)
     run(engine, "a a a a")
     run(engine, "b b b b")
-    run(engine, "a a a x")  # touches "a a a a", then holds it and "a a a x": "b b b b" is evicted
+    assert run(engine, "a a a x")[1].cached_tokens == 3  # joins the "a" family's slot: nothing evicted
+    assert engine.stats().cache.evictions == 0
+    run(engine, "c c c c")  # a third family: "b b b b" is the least recently used
     assert engine.stats().cache.evictions == 1
-    assert run(engine, "b b b y")[1].cached_tokens == 0  # evicts "a a a a"
-    assert run(engine, "a a a a z")[1].cached_tokens == 3  # only "a a a x" is left to share with
+    assert run(engine, "b b b y")[1].cached_tokens == 0  # gone; its return evicts "a a a x"
+    assert run(engine, "c c c y")[1].cached_tokens == 3
+    assert run(engine, "a a a a z")[1].cached_tokens == 0
     assert engine.stats().cache.evictions == 3

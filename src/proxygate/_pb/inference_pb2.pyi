@@ -67,7 +67,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("healthy", "current_queue_size", "gpu_utilization", "models", "max_concurrency", "active_sequences", "ready", "engine", "generations_started", "generations_cancelled", "peak_active", "prefix_cache_capacity_bytes", "prefix_cache_used_bytes", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "prefix_cache_evictions")
+    __slots__ = ("healthy", "current_queue_size", "gpu_utilization", "models", "max_concurrency", "active_sequences", "ready", "engine", "generations_started", "generations_cancelled", "peak_active", "prefix_cache_capacity_bytes", "prefix_cache_used_bytes", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "prefix_cache_evictions", "peak_calls")
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     CURRENT_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     GPU_UTILIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class HealthResponse(_message.Message):
     PREFIX_CACHE_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    PEAK_CALLS_FIELD_NUMBER: _ClassVar[int]
     healthy: bool
     current_queue_size: int
     gpu_utilization: float
@@ -104,4 +105,5 @@ class HealthResponse(_message.Message):
     prefix_cache_query_tokens: int
     prefix_cache_hit_tokens: int
     prefix_cache_evictions: int
-    def __init__(self, healthy: _Optional[bool] = ..., current_queue_size: _Optional[int] = ..., gpu_utilization: _Optional[float] = ..., models: _Optional[_Iterable[str]] = ..., max_concurrency: _Optional[int] = ..., active_sequences: _Optional[int] = ..., ready: _Optional[bool] = ..., engine: _Optional[str] = ..., generations_started: _Optional[int] = ..., generations_cancelled: _Optional[int] = ..., peak_active: _Optional[int] = ..., prefix_cache_capacity_bytes: _Optional[int] = ..., prefix_cache_used_bytes: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_evictions: _Optional[int] = ...) -> None: ...
+    peak_calls: int
+    def __init__(self, healthy: _Optional[bool] = ..., current_queue_size: _Optional[int] = ..., gpu_utilization: _Optional[float] = ..., models: _Optional[_Iterable[str]] = ..., max_concurrency: _Optional[int] = ..., active_sequences: _Optional[int] = ..., ready: _Optional[bool] = ..., engine: _Optional[str] = ..., generations_started: _Optional[int] = ..., generations_cancelled: _Optional[int] = ..., peak_active: _Optional[int] = ..., prefix_cache_capacity_bytes: _Optional[int] = ..., prefix_cache_used_bytes: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_evictions: _Optional[int] = ..., peak_calls: _Optional[int] = ...) -> None: ...

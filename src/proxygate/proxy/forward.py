@@ -81,12 +81,20 @@ def block_page(host: str) -> bytes:
 
 
 class Forwarder:
+    # Request headers not copied (besides hop-by-hop ones), and extra header
+    # lines the request carries; the response header added on the way back.
+    request_skip: frozenset[bytes] = frozenset(_REQUEST_SKIP)
+    via: tuple[bytes, bytes] | None = VIA
+
     def __init__(self, pool: UpstreamPool, read_timeout: float) -> None:
         self.pool = pool
         self.read_timeout = read_timeout or None
 
+    def extra_request_lines(self, req: Request) -> bytes:
+        return b"Via: 1.1 proxygate\r\n"
+
     def request_head(self, req: Request, target: Target) -> bytes:
-        headers = end_to_end(req.headers, skip=_REQUEST_SKIP)
+        headers = end_to_end(req.headers, skip=self.request_skip)
         lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (req.method.encode(), target.path, target.authority)]
         lines.extend(name + b": " + value + b"\r\n" for name, value in headers)
         if req.body is not None:
@@ -94,8 +102,16 @@ class Forwarder:
                 lines.append(b"Transfer-Encoding: chunked\r\n")
             else:
                 lines.append(b"Content-Length: %d\r\n" % req.content_length)
-        lines.append(b"Via: 1.1 proxygate\r\nX-Request-ID: %s\r\n\r\n" % req.request_id.encode())
+        lines.append(self.extra_request_lines(req))
+        lines.append(b"X-Request-ID: %s\r\n\r\n" % req.request_id.encode())
         return b"".join(lines)
+
+    def response_headers(self, req: Request, head: ResponseHead) -> Headers:
+        """The origin's end-to-end headers as the client gets them."""
+        headers: Headers = without_named(head.headers, head.connection_named)
+        if self.via is not None:
+            headers.append(self.via)
+        return headers
 
     async def forward(self, req: Request, target: Target, conn: ClientConnection) -> None:
         head_bytes = self.request_head(req, target)
@@ -162,8 +178,7 @@ class Forwarder:
     async def _relay_response(
         self, req: Request, upstream: UpstreamConnection, head: ResponseHead, conn: ClientConnection
     ) -> None:
-        headers: Headers = without_named(head.headers, head.connection_named)
-        headers.append(VIA)
+        headers = self.response_headers(req, head)
         body = upstream.body
         assert body is not None
         no_body = req.method == "HEAD" or head.status in (204, 304)

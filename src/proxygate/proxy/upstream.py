@@ -11,17 +11,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import httptools
 
 from ..http.flow import BodyBuffer, WriteFlow
 from ..http.message import Headers
 from ..http.write_batch import WriteBatch
-from .dial import Dialer
 from .headers import CONNECTION_HEADERS, RESPONSE_SKIP, connection_tokens
 
 Key = tuple[str, int]
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+
+class Opener(Protocol):
+    """How the pool opens a connection (a `Dialer`, or a unix-socket one)."""
+
+    async def open(self, host: str, port: int, factory: Callable[[], P]) -> tuple[asyncio.Transport, P]: ...
 
 
 @dataclass(slots=True)
@@ -230,7 +238,7 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Idle keep-alive connections per host:port, bounded, dropped when stale."""
 
-    def __init__(self, dialer: Dialer, idle_per_host: int, idle_timeout: float, writes: WriteBatch) -> None:
+    def __init__(self, dialer: Opener, idle_per_host: int, idle_timeout: float, writes: WriteBatch) -> None:
         self.dialer = dialer
         self.writes = writes
         self.idle_per_host = idle_per_host

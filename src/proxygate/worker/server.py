@@ -27,6 +27,8 @@ class ModelService(inference_pb2_grpc.ModelServiceServicer):  # type: ignore[mis
         self.engine = engine
         self.started = 0
         self.cancelled = 0
+        self.calls = 0  # Generate calls in flight: what gateways offered us
+        self.peak_calls = 0
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -45,6 +47,8 @@ class ModelService(inference_pb2_grpc.ModelServiceServicer):  # type: ignore[mis
             priority=request.priority,
         )
         self.started += 1
+        self.calls += 1
+        self.peak_calls = max(self.peak_calls, self.calls)
         result = GenerationResult()
         count = 0
         tokens = self.engine.generate(params, result)
@@ -83,6 +87,7 @@ class ModelService(inference_pb2_grpc.ModelServiceServicer):  # type: ignore[mis
         finally:
             # Close the engine's stream now, not when it is garbage collected:
             # that is what releases its sequence when the call is cancelled.
+            self.calls -= 1
             await tokens.aclose()
 
     async def Health(
@@ -102,6 +107,7 @@ class ModelService(inference_pb2_grpc.ModelServiceServicer):  # type: ignore[mis
             generations_started=self.started,
             generations_cancelled=self.cancelled,
             peak_active=s.peak_running,
+            peak_calls=self.peak_calls,
             prefix_cache_capacity_bytes=s.cache_capacity_bytes,
             prefix_cache_used_bytes=s.cache_used_bytes,
             prefix_cache_queries=s.cache.queries,

@@ -1,10 +1,11 @@
 """The seed's mock worker: `[model] ` then the prompt's words, one per token.
 
 For routing benchmarks and tests without a real model it can also pretend to
-have a prefix cache: `prefix_slots` prompts are remembered (least recently
-used evicted), a prompt's `cached_tokens` is the longest word prefix it
-shares with one of them (at most all its words but one, as the hf engine
-reports), and `prefill_ms_per_token` delays the first token by that much
+have a prefix cache of `prefix_slots` prompt families (least recently used
+evicted): a prompt's `cached_tokens` is the longest word prefix it shares
+with a held prompt (at most all its words but one, as the hf engine
+reports), and it then takes that prompt's slot; a prompt sharing nothing
+takes a new one. `prefill_ms_per_token` delays the first token by that much
 per uncached prompt word.
 """
 
@@ -34,7 +35,10 @@ class SimulatedPrefixCache:
             if n > best:
                 best, best_key = n, key
         if best_key is not None:
-            self._prompts.move_to_end(best_key)
+            # The prompt joins the family it shares a prefix with: the slot
+            # now holds it (the shared part stays warm, the old tail goes),
+            # as a real cache keeps hot prefix blocks and evicts cold tails.
+            del self._prompts[best_key]
         cached = min(best, max(0, len(words) - 1))
         key = tuple(words)
         self._prompts[key] = None

@@ -1,0 +1,118 @@
+"""One inference plane for several serving processes (`--workers N`).
+
+The kernel spreads connections over N processes, but the inference plane
+must be one: one queue order, one view of each worker's free slots, one
+coalescing table, one prefix index. So one process (the first) owns it, and
+the others relay `/v1/*` requests to it over a unix socket as plain HTTP/1.1,
+streaming the response back as it comes (`InferenceRelay`). The owner serves
+those connections with `RelayedApi`: straight to the API router, since the
+relaying process already applied the client's rate limit, and without an
+access-log line or request metrics, which the relaying process records. The
+client's identity travels in `X-Proxygate-Client`, a header the relay always
+sets itself (a client cannot supply it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from ..api import ApiRouter, origin_path
+from ..errors import ServiceUnavailable
+from ..http.message import Headers, Request
+from ..http.write_batch import WriteBatch
+from ..proxy.forward import Forwarder, Target
+from ..proxy.upstream import ResponseHead, UpstreamPool
+
+if TYPE_CHECKING:
+    from ..config import GatewaySettings
+    from ..http.connection import ClientConnection
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+CLIENT_HEADER = b"x-proxygate-client"
+RELAYED_PATHS = (b"/v1/inference", b"/v1/models", b"/v1/completions", b"/v1/chat/completions")
+_ROUTE_FIELDS = {b"x-proxygate-route": "route", b"x-proxygate-model": "model"}
+
+
+class UnixDialer:
+    """Opens connections to the owner's socket (the pool's host and port are ignored)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def open(self, host: str, port: int, factory: Callable[[], P]) -> tuple[asyncio.Transport, P]:
+        loop = asyncio.get_running_loop()
+        try:
+            transport, protocol = await loop.create_unix_connection(factory, self.path)
+        except OSError as exc:
+            raise ServiceUnavailable(
+                f"inference plane unavailable: {exc.strerror or exc}", headers=[(b"Retry-After", b"2")]
+            ) from None
+        return transport, protocol
+
+
+class InferenceRelay(Forwarder):
+    """A sibling process's `/v1/*` handler: the request goes to the owner, the answer comes back."""
+
+    request_skip = Forwarder.request_skip | {CLIENT_HEADER}
+    via = None
+
+    def __init__(self, path: str, writes: WriteBatch, read_timeout: float) -> None:
+        super().__init__(UpstreamPool(UnixDialer(path), 256, 60.0, writes), read_timeout)
+
+    def extra_request_lines(self, req: Request) -> bytes:
+        return b"X-Proxygate-Client: %s\r\n" % req.peer_ip.encode("latin-1")
+
+    def response_headers(self, req: Request, head: ResponseHead) -> Headers:
+        # The owner's X-Request-ID is ours already; our own head writes it again.
+        kept = [h for h in head.headers if h[0].lower() != b"x-request-id"]
+        req.log_fields = tuple(
+            (_ROUTE_FIELDS[name.lower()], value.decode("latin-1"))
+            for name, value in kept
+            if name.lower() in _ROUTE_FIELDS
+        )
+        head.headers = kept
+        return super().response_headers(req, head)
+
+    async def handle(self, req: Request, conn: ClientConnection) -> None:
+        req.abort_on_client_eof = True
+        target = Target(b"http://inference-plane" + req.target)
+        await self.forward(req, target, conn)
+
+    def close(self) -> None:
+        self.pool.close_all()
+
+
+class RelayedApi:
+    """The owner's side: the `Application` for connections from sibling processes."""
+
+    def __init__(self, settings: GatewaySettings, writes: WriteBatch, api: ApiRouter, track: Tracker) -> None:
+        self.settings = settings
+        self.writes = writes
+        self.api = api
+        self.track = track
+
+    async def handle(self, req: Request, conn: ClientConnection) -> None:
+        client = req.header(CLIENT_HEADER)
+        if client is not None:
+            req.peer_ip = client.decode("latin-1")
+        await self.api.dispatch(req, origin_path(req.target), conn)
+
+    def request_done(self, req: Request, conn: ClientConnection) -> None:
+        return None  # logged and counted where the client connected
+
+    def connection_opened(self, conn: ClientConnection) -> None:
+        self.track.track(conn)
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.track.untrack(conn)
+
+
+class Tracker(Protocol):
+    """Where the owner keeps its relayed connections, so shutdown drains them too."""
+
+    def track(self, conn: ClientConnection) -> None: ...
+
+    def untrack(self, conn: ClientConnection) -> None: ...
