@@ -13,6 +13,7 @@ import trustme
 from tests.support.gateway import OPEN_POLICY, GatewayProcess
 from tests.support.origin import EchoTcpServer, Origin
 from tests.support.redis_server import RedisServer
+from tests.support.worker import WorkerProcess
 
 
 def require_binary(name: str, package: str) -> str:
@@ -119,3 +120,17 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator:
+    started: list[WorkerProcess] = []
+
+    def start(*args: str, port: int = 0) -> WorkerProcess:
+        w = WorkerProcess(["--engine", "echo", *args], tmp_path / f"worker{len(started)}.log", port)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()

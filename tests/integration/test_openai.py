@@ -9,8 +9,8 @@ import openai
 import pytest
 import requests
 
-from tests.integration.test_inference import wait_healthy
 from tests.support.gateway import GatewayProcess
+from tests.support.inference import wait_healthy
 from tests.support.worker import WorkerProcess
 
 

@@ -68,6 +68,7 @@ class GenerationRequest:
     route: str = ""
     route_reason: str = ""
     served_model: str = ""
+    fallbacks: tuple[str, ...] = ()  # the route's candidates after the one chosen
 
     def rule_text(self) -> str:
         """What routing patterns look at: the last user message, or the prompt."""
@@ -220,12 +221,8 @@ class InferenceService:
             if self.queue.full_for(model):
                 full = True
                 continue
-            req.route_reason = choice.reason if index == 0 else "fallback"
-            self.metrics.routed.labels(
-                self.metrics.route_label(req.route, self.routes.current.routes),
-                self.metrics.model_label(model),
-                req.route_reason,
-            ).inc()
+            self._routed(req, model, choice.reason if index == 0 else "fallback")
+            req.fallbacks = choice.candidates[index + 1 :]
             return model
         if full:
             raise ServiceUnavailable("inference queue is full", headers=[(b"Retry-After", b"2")])
@@ -233,6 +230,21 @@ class InferenceService:
             f"no healthy worker serves {req.model!r} ({', '.join(m or 'any' for m in choice.candidates)})",
             headers=[(b"Retry-After", b"5")],
         )
+
+    def _routed(self, req: GenerationRequest, model: str, reason: str) -> None:
+        req.route_reason = reason
+        m = self.metrics
+        m.routed.labels(m.route_label(req.route, self.routes.current.routes), m.model_label(model), reason).inc()
+
+    def _fall_back(self, req: GenerationRequest, ticket: Ticket) -> bool:
+        """Every worker of the ticket's model failed it: move it to the next candidate that has one."""
+        while req.fallbacks:
+            model, req.fallbacks = req.fallbacks[0], req.fallbacks[1:]
+            if any(w.available and w.serves(model) and w.id not in ticket.excluded for w in self.pool.workers):
+                ticket.model = model
+                self._routed(req, model, "fallback")
+                return True
+        return False
 
     async def _wait_for_worker(self, ticket: Ticket, deadline: float, retry: bool) -> WorkerClient:
         loop = asyncio.get_running_loop()
@@ -332,11 +344,11 @@ class InferenceService:
         """One worker generation for `ticket`: queue, call, retry elsewhere before the first token."""
         loop = asyncio.get_running_loop()
         m = self.metrics
-        model_label = m.model_label(ticket.model or req.model)
         message = req.to_proto()
         retry = False
         first = True
         while True:
+            model_label = m.model_label(ticket.model or req.model)  # a fallback changes it
             worker = await self._wait_for_worker(ticket, deadline, retry)
             dispatched = time.perf_counter()
             if not retry:
@@ -374,7 +386,8 @@ class InferenceService:
                     raise GenerationFailed(f"worker {worker.id} failed: {code.name}") from None
                 # Nothing reached the client yet: try another worker.
                 ticket.excluded.add(worker.id)
-                if not any(w.serves(ticket.model) and w.id not in ticket.excluded for w in self.pool.workers):
+                left = any(w.serves(ticket.model) and w.id not in ticket.excluded for w in self.pool.workers)
+                if not left and not self._fall_back(req, ticket):
                     raise ServiceUnavailable(
                         f"inference workers failed: {code.name}", headers=[(b"Retry-After", b"2")]
                     ) from None
