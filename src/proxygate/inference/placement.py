@@ -162,6 +162,14 @@ class PrefixAffinity:
                 min(ranked, key=lambda w: sizes[w.id]),
             )
         ticket.predicted_blocks = matches[chosen.id]
+        # Claim the prefix for the chosen worker now, so the same prefix's
+        # next requests follow it before this one's first token; blocks it
+        # holds already keep their place until the worker confirms them.
+        held = self.held(chosen.id)
+        for digest in blocks:
+            if digest not in held:
+                held[digest] = None
+        self._trim(held)
         return chosen
 
     def observed(self, worker_id: str, ticket: Ticket, prompt_tokens: int, cached_tokens: int) -> None:
@@ -176,6 +184,9 @@ class PrefixAffinity:
         for digest in blocks:
             held[digest] = None
             held.move_to_end(digest)
+        self._trim(held)
+
+    def _trim(self, held: OrderedDict[bytes, None]) -> None:
         while len(held) > self.max_blocks:
             held.popitem(last=False)
 
