@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -58,13 +58,6 @@ def prefixes(n: int, chars: int = 2000) -> list[str]:
             i += 1
         out.append(" ".join(words))
     return out
-
-
-@dataclass
-class Outcome:
-    ttft: float
-    cached: int
-    prefix_tokens_hint: int
 
 
 async def completion(port: int, prompt: str, max_tokens: int) -> tuple[float, int, int]:
@@ -191,6 +184,15 @@ def one_policy(
     }
 
 
+def compare(runs: int, measure: Callable[[str, int], dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Every policy's figures, medians over `runs` rounds; each round runs every policy in turn."""
+    samples: dict[str, list[dict[str, float]]] = {p: [] for p in POLICIES}
+    for run in range(runs):
+        for policy in POLICIES:
+            samples[policy].append(measure(policy, run))
+    return {p: {k: statistics.median(x[k] for x in xs) for k in xs[0]} for p, xs in samples.items()}
+
+
 def table(rows: dict[str, dict[str, float]]) -> list[str]:
     lines = [
         "| policy | prefix hit rate | max worker share / mean | total s | TTFT p50 ms | TTFT p99 ms |",
@@ -211,7 +213,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--prefill-ms", type=float, default=0.2, help="echo: simulated prefill ms per uncached word")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--worker-capacity", type=int, default=8, help="echo workers' --max-concurrency")
+    parser.add_argument("--worker-capacity", type=int, default=4, help="echo workers' --max-concurrency")
+    parser.add_argument("--runs", type=int, default=3, help="runs per policy and workload (medians reported)")
     parser.add_argument("--hf", action="store_true", help="also the uniform workload on 2 hf workers")
     parser.add_argument("--hf-requests", type=int, default=64)
     args = parser.parse_args()
@@ -232,10 +235,13 @@ def main() -> int:
     for name, hot in (("uniform", False), ("hot", True)):
         plan = make_plan(args.requests, hot, args.seed)
         args.hit_share = 0.9  # the question is a few words of ~260
-        rows = {p: one_policy(p, plan, echo_flags, 4, args, f"{name}-{p}") for p in POLICIES}
+        rows = compare(
+            args.runs,
+            lambda p, run, plan=plan, name=name: one_policy(p, plan, echo_flags, 4, args, f"{name}-{p}-{run}"),
+        )
         lines += [
-            f"### {name}: 4 echo workers (5 prefix slots each), {GROUPS} groups, {args.requests} requests, "
-            f"concurrency {args.concurrency}",
+            f"### {name}: 4 echo workers (5 prefix slots, capacity {args.worker_capacity} each), {GROUPS} groups, "
+            f"{args.requests} requests, concurrency {args.concurrency}; medians of {args.runs} runs",
             "",
             *table(rows),
             "",
@@ -255,7 +261,7 @@ def main() -> int:
         plan = make_plan(args.hf_requests, False, args.seed)
         args.hit_share = 0.8  # chat-free raw prompts: the question is ~10 of ~600 tokens
         hf_flags = ["--engine", "hf", "--threads", "1", "--max-concurrency", "4"]
-        rows = {p: one_policy(p, plan, hf_flags, 2, args, f"hf-{p}") for p in POLICIES}
+        rows = compare(1, lambda p, run: one_policy(p, plan, hf_flags, 2, args, f"hf-{p}"))
         lines += [
             f"### uniform on 2 hf workers (SmolLM2-135M, CPU, 1 thread each, 256 MB prefix cache), "
             f"{GROUPS} groups, {args.hf_requests} requests, concurrency {args.concurrency}",

@@ -20,6 +20,8 @@ class FakeWorker:
     models: frozenset[str] | None = None
     up: bool = True
 
+    available: bool = True
+
     @property
     def free_slots(self) -> int:
         return self.capacity - self.active if self.up else 0

@@ -97,6 +97,8 @@ class FakeWorker:
     capacity: int = 4
     active: int = 0
 
+    available: bool = True
+
     @property
     def free_slots(self) -> int:
         return self.capacity - self.active
@@ -141,17 +143,24 @@ def test_prefix_policy_follows_the_cache_and_spreads_new_prefixes() -> None:
 
 
 def test_prefix_policy_spills_a_hot_prefix_when_its_worker_is_busy() -> None:
-    workers = [FakeWorker("a"), FakeWorker("b")]
+    workers = [FakeWorker("a", capacity=8), FakeWorker("b", capacity=8)]
     policy = PrefixAffinity()
     t = ticket_for(prefix(0))
     first = policy.choose(workers, t)
     assert first is not None
     policy.observed(first.id, t, 100, 0)
     other = workers[1] if first is workers[0] else workers[0]
-    first.active = 2  # 0.5 busier than the other: still fine
+    first.active = 6  # 0.75 busier than the idle one: the cache still wins
     assert policy.choose(workers, ticket_for(prefix(0) + "x")) is first
-    first.active = 3  # 0.75 busier: the prefix goes to the idle worker too
-    assert policy.choose(workers, ticket_for(prefix(0) + "y")) is other
+    first.active = 7  # 0.875 busier: the prefix goes to the idle worker too
+    spilled = ticket_for(prefix(0) + "y")
+    assert policy.choose(workers, spilled) is other
+    policy.observed(other.id, spilled, 100, 0)
+    first.active, other.active = 8, 1  # full: a worker that now holds it too takes it
+    assert policy.choose(workers, ticket_for(prefix(0) + "z")) is other
+    first.active = other.active = 1  # both hold it: always the same one of them
+    picks = {policy.choose(workers, ticket_for(prefix(0) + f"q{i}")).id for i in range(5)}  # type: ignore[union-attr]
+    assert len(picks) == 1
 
 
 def test_a_worker_reporting_less_cache_than_predicted_corrects_the_index() -> None:
