@@ -44,9 +44,10 @@ def worker(port: int, log: Path, *flags: str) -> subprocess.Popen:
     )
 
 
-def gateway(port: int, workers: list[int], log: Path) -> subprocess.Popen:
+def gateway(port: int, workers: list[int], log: Path, processes: int = 1) -> subprocess.Popen:
     addrs = ",".join(f"127.0.0.1:{p}" for p in workers)
     flags = ("-worker-addrs", addrs, "-limiter", "none", "--blocklist", "/nonexistent", "--max-queue", "10000")
+    flags += ("--workers", str(processes))
     proc = start(gateway_argv(port, *flags), port, log)
     time.sleep(1.5)  # first health poll
     return proc
@@ -60,8 +61,10 @@ def pct(values: list[float], q: float) -> float:
 # ---- clients -----------------------------------------------------------------------
 
 
-async def sse_request(port: int, body: dict) -> tuple[float, list[float], int]:
-    """(ttft, inter-token gaps, tokens) of one /v1/inference stream, timed from the request's send."""
+async def sse_request(port: int, body: dict, processes: list[str] | None = None) -> tuple[float, list[float], int]:
+    """(ttft, inter-token gaps, tokens) of one /v1/inference stream, timed from the request's send.
+
+    `processes` collects which gateway process answered (its request-id prefix)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     payload = json.dumps(body).encode()
     start = time.perf_counter()
@@ -77,6 +80,8 @@ async def sse_request(port: int, body: dict) -> tuple[float, list[float], int]:
         data = await reader.read(65536)
         if not data:
             break
+        if processes is not None and (at := data.find(b"X-Request-ID: ")) != -1:
+            processes.append(data[at + 14 : at + 24].decode())
         n = data.count(b'"token":')
         if n:
             now = time.perf_counter()
@@ -115,20 +120,25 @@ async def grpc_request(stub: pbg.ModelServiceStub, body: dict) -> tuple[float, l
 
 
 async def latency_compare(gw_port: int, worker_port: int, n: int) -> dict[str, dict[str, float]]:
+    """Direct gRPC vs through the gateway, interleaved; with several gateway processes,
+    also per process (the first one owns the inference plane, the others relay to it)."""
     body = {"prompt": " ".join(f"w{i}" for i in range(20)), "max_tokens": 21, "temperature": 0}
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{worker_port}")
     stub = pbg.ModelServiceStub(channel)
-    out: dict[str, dict[str, float]] = {}
     samples: dict[str, tuple[list[float], list[float]]] = {"direct gRPC": ([], []), "via gateway": ([], [])}
+    by_process: dict[str, list[float]] = {}
     for _ in range(n):  # interleaved so drift hits both alike
-        for name in samples:
+        for name in ("direct gRPC", "via gateway"):
             if name == "direct gRPC":
                 ttft, gaps, _ = await grpc_request(stub, body)
             else:
-                ttft, gaps, _ = await sse_request(gw_port, body)
+                seen: list[str] = []
+                ttft, gaps, _ = await sse_request(gw_port, body, seen)
+                by_process.setdefault(seen[0] if seen else "?", []).append(ttft)
             samples[name][0].append(ttft)
             samples[name][1].extend(gaps)
     await channel.close()
+    out: dict[str, dict[str, float]] = {}
     for name, (ttfts, gaps) in samples.items():
         out[name] = {
             "ttft_p50_ms": pct(ttfts, 0.5) * 1e3,
@@ -136,6 +146,14 @@ async def latency_compare(gw_port: int, worker_port: int, n: int) -> dict[str, d
             "token_p50_ms": pct(gaps, 0.5) * 1e3,
             "token_p99_ms": pct(gaps, 0.99) * 1e3,
         }
+    if len(by_process) > 1:
+        for i, ttfts in enumerate(sorted(by_process.values(), key=statistics.median)):
+            out[f"via gateway, process {i + 1} ({len(ttfts)} requests)"] = {
+                "ttft_p50_ms": pct(ttfts, 0.5) * 1e3,
+                "ttft_p99_ms": pct(ttfts, 0.99) * 1e3,
+                "token_p50_ms": float("nan"),
+                "token_p99_ms": float("nan"),
+            }
     return out
 
 
@@ -196,10 +214,10 @@ def echo_sections(args: argparse.Namespace, logs: Path, lines: list[str], procs:
     # (a) one echo worker with a small per-token latency, gateway in front.
     w_port, g_port = free_port(), free_port()
     procs.append(worker(w_port, logs / "bench-worker-a.log", "--latency", "0.002", "--max-concurrency", "8"))
-    procs.append(gateway(g_port, [w_port], logs / "bench-gw-a.log"))
+    procs.append(gateway(g_port, [w_port], logs / "bench-gw-a.log", args.gateway_workers))
     lat = asyncio.run(latency_compare(g_port, w_port, args.samples))
     lines += [
-        "### (a) latency, echo worker at 2 ms/token, one request at a time",
+        f"### (a) latency, echo worker at 2 ms/token, one request at a time, gateway --workers {args.gateway_workers}",
         "",
         "| path | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | per-token p99 ms |",
         "|---|---|---|---|---|",
@@ -241,6 +259,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of (b)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        help="gateway processes for (a): 2 puts the inference relay in the path",
+    )
     parser.add_argument("--only-hf", action="store_true", help="only (c)")
     args = parser.parse_args()
     logs = ROOT / "bench" / "out"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -261,3 +262,11 @@ def test_shared_generation_replays_then_follows_and_cancels_with_the_last_client
         assert table.find("k") is None
 
     asyncio.run(main())
+
+
+def test_the_shipped_routes_file_parses() -> None:
+    root = Path(__file__).resolve().parents[2]
+    table = parse_routes((root / "configs" / "routes.toml").read_text())
+    assert table.names() == ["auto", "large", "small"]
+    choice = table.resolve("auto", "Derive it step by step", None)
+    assert choice is not None and choice.reason == "large"
