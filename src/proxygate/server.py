@@ -110,6 +110,7 @@ async def serve(
                 os.unlink(inference_socket)  # left by a predecessor that crashed
             relayed = gateway.relayed_api()
             servers.append(await loop.create_unix_server(lambda: ClientConnection(relayed), path=inference_socket))
+            log.info("process %d owns the inference plane; the others relay to %s", os.getpid(), inference_socket)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc)
         return 1

@@ -8,7 +8,9 @@ slept for: a worker's Health counters, the gateway's metrics and log lines.
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import signal
 import threading
 import time
@@ -321,3 +323,18 @@ def test_requests_sharing_a_prefix_go_where_it_is_cached(start_gateway, tmp_path
     finally:
         for w in workers:
             w.stop()
+
+
+def test_the_inference_plane_comes_back_when_its_process_dies(start_gateway, start_worker) -> None:
+    w = start_worker()
+    gw = start_gateway("--workers", "2", "-worker-addrs", w.addr)
+    owners = lambda: re.findall(r"process (\d+) owns the inference plane", gw.log())  # noqa: E731
+    wait_for(lambda: len(owners()) == 1, "the owner's log line")
+    wait_healthy(gw)
+    os.kill(int(owners()[0]), signal.SIGKILL)
+    wait_for(lambda: len(owners()) == 2, "a new process owning the inference plane")
+
+    def all_served() -> bool:
+        return all(post(gw, "/v1/inference", {"prompt": "a b", "max_tokens": 3}).status_code == 200 for _ in range(8))
+
+    wait_for(all_served, "inference through both processes again", timeout=20)

@@ -124,8 +124,12 @@ def routing_head(req: GenerationRequest) -> bytes:
     )
 
 
+_UNPRINTABLE = bytes(range(32)) + b"\x7f"
+
+
 def _header_safe(text: str) -> bytes:
-    return text.encode("ascii", "replace").translate(None, b"\r\n")[:256]
+    """A client-chosen name as a header value: printable ASCII only."""
+    return text.encode("ascii", "replace").translate(None, _UNPRINTABLE)[:256]
 
 
 class InferenceService:
@@ -287,8 +291,6 @@ class InferenceService:
                 self.schedule()
             source = shared.follow()
         else:
-            if self.queue.full_for(model):
-                raise ServiceUnavailable("inference queue is full", headers=[(b"Retry-After", b"2")])
             ticket = Ticket(model=model, priority=req.priority)
             if isinstance(self.placement, PrefixAffinity):
                 ticket.blocks, ticket.block_span = prompt_blocks(req.full_text())
