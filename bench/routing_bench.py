@@ -48,14 +48,25 @@ POLICIES = ("prefix", "least-loaded", "round-robin")
 GROUPS = 16
 
 
+_PROSE = (
+    "the of and to in is was for on that with as by at from this be are or it an which were have has had not "
+    "but their they one all also its first more been other new two into can time after most used only when "
+    "such some may over these system people year years between under part city many would later during "
+    "known then each three where while number state same both world several high since name area him work "
+    "well use form found following often being called four large water group small like long different "
+    "made early five before general however united through national among against because based second"
+)
+WORDS = _PROSE.split()
+
+
 def prefixes(n: int, chars: int = 2000) -> list[str]:
+    """`n` distinct prose-like prefixes of about `chars` characters (about 400 tokens each)."""
     out = []
     for g in range(n):
-        words = []
-        i = 0
+        rng = random.Random(1000 + g)
+        words = [f"Group {g} notes:"]
         while sum(len(w) + 1 for w in words) < chars:
-            words.append(f"g{g:02d}w{i:03d}")
-            i += 1
+            words.append(rng.choice(WORDS))
         out.append(" ".join(words))
     return out
 
@@ -216,7 +227,8 @@ def main() -> int:
     parser.add_argument("--worker-capacity", type=int, default=4, help="echo workers' --max-concurrency")
     parser.add_argument("--runs", type=int, default=3, help="runs per policy and workload (medians reported)")
     parser.add_argument("--hf", action="store_true", help="also the uniform workload on 2 hf workers")
-    parser.add_argument("--hf-requests", type=int, default=64)
+    parser.add_argument("--hf-requests", type=int, default=128)
+    parser.add_argument("--hf-cache-mb", type=int, default=128, help="hf workers' --prefix-cache-mb (about 7 prefixes)")
     args = parser.parse_args()
     echo_flags = [
         "--engine",
@@ -261,9 +273,10 @@ def main() -> int:
         plan = make_plan(args.hf_requests, False, args.seed)
         args.hit_share = 0.8  # chat-free raw prompts: the question is ~10 of ~600 tokens
         hf_flags = ["--engine", "hf", "--threads", "1", "--max-concurrency", "4"]
+        hf_flags += ["--prefix-cache-mb", str(args.hf_cache_mb)]
         rows = compare(1, lambda p, run: one_policy(p, plan, hf_flags, 2, args, f"hf-{p}"))
         lines += [
-            f"### uniform on 2 hf workers (SmolLM2-135M, CPU, 1 thread each, 256 MB prefix cache), "
+            f"### uniform on 2 hf workers (SmolLM2-135M, CPU, 1 thread each, {args.hf_cache_mb} MB prefix cache), "
             f"{GROUPS} groups, {args.hf_requests} requests, concurrency {args.concurrency}",
             "",
             *table(rows),

@@ -149,6 +149,17 @@ def parse_networks(text: str) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
+# Squid's `localnet`, plus loopback: who may use the forward proxy by default.
+LOCALNET = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7,fe80::/10"
+
+
+def parse_client_networks(text: str) -> tuple[IPNetwork, ...] | None:
+    """A CIDR list; `*` means every client (None)."""
+    if text.strip() == "*":
+        return None
+    return parse_networks(text)
+
+
 def parse_ports(text: str) -> frozenset[int] | None:
     """Comma list of ports or ranges (`443,8443,9000-9100`); `*` means any (None)."""
     text = text.strip()
@@ -261,6 +272,15 @@ GATEWAY_FLAGS: tuple[Flag, ...] = (
         parse_choice("prefix", "least-loaded", "round-robin"),
         "which free worker a request goes to: prefix (cache affinity balanced with load), least-loaded, round-robin",
     ),
+    Flag("api-keys", "", str, "API key file (TOML, SHA-256 digests): /v1/* then needs a Bearer token"),
+    Flag("proxy-auth", "none", parse_choice("none", "keys"), "forward proxy authentication: none, or keys (Basic)"),
+    Flag(
+        "allow-clients",
+        LOCALNET,
+        parse_client_networks,
+        "CIDRs that may use the forward proxy (default: loopback and private ranges); * for all",
+    ),
+    Flag("queue-aging", "30s", parse_duration, "a waiting inference request gains one priority level per interval"),
     Flag(
         "coalesce",
         "on",
@@ -311,6 +331,10 @@ class GatewaySettings:
     upstream_idle_per_host: int = 256
     routes: str = ""
     routing_policy: str = "prefix"
+    api_keys: str = ""
+    proxy_auth: str = "none"
+    allow_clients: tuple[IPNetwork, ...] | None = parse_networks(LOCALNET)
+    queue_aging: float = 30.0
     coalesce: bool = True
 
 

@@ -22,6 +22,10 @@ class BadRequest(HttpError):
     status = 400
 
 
+class Unauthorized(HttpError):
+    status = 401
+
+
 class Forbidden(HttpError):
     status = 403
 
@@ -32,6 +36,13 @@ class NotFound(HttpError):
 
 class MethodNotAllowed(HttpError):
     status = 405
+
+
+class ProxyAuthRequired(HttpError):
+    status = 407
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, headers=[(b"Proxy-Authenticate", b'Basic realm="proxygate"')])
 
 
 class RequestTimeout(HttpError):

@@ -21,17 +21,21 @@ from .http.message import Request
 from .http.write_batch import WriteBatch
 from .inference.api import SeedInferenceApi
 from .inference.metrics import InferenceMetrics
-from .inference.openai_api import OpenAiApi
+from .inference.openai_api import OpenAiApi, error_body
 from .inference.placement import build_placement
 from .inference.relay import RELAYED_PATHS, InferenceRelay, RelayedApi
 from .inference.routes import RoutesFile
 from .inference.service import InferenceLimits, InferenceService
+from .inference.tenancy import TenantGate
 from .observability.logging import AccessLog
 from .observability.metrics import GatewayMetrics
+from .policy.access import AccessPolicy
 from .policy.blocklist import BlocklistFile
+from .policy.budgets import Budgets
 from .policy.destinations import DestinationPolicy
 from .policy.identity import ClientIdentity
-from .policy.ratelimit import RateLimiter, RateLimitPolicy, build_limiter
+from .policy.keys import ApiKey, KeyFile
+from .policy.ratelimit import BucketSpec, MemoryLimiter, RateLimiter, RateLimitPolicy, build_limiter
 from .proxy.connect import open_tunnel, parse_authority
 from .proxy.dial import Dialer
 from .proxy.forward import Forwarder, Target, block_page
@@ -72,6 +76,8 @@ class Gateway:
             if self.limiter is not None
             else None
         )
+        self.keys = KeyFile(settings.api_keys) if settings.api_keys else None
+        self.access = AccessPolicy(settings.allow_clients, self.keys, proxy_auth=settings.proxy_auth == "keys")
         self.connections: set[ClientConnection] = set()
         self.shutting_down = False
         self.ready = False
@@ -80,6 +86,7 @@ class Gateway:
         self.api.add("/healthz", ("GET",), self._healthz)
         self.api.add("/readyz", ("GET",), self._readyz)
         self.inference: InferenceService | None = None
+        self.budgets: Budgets | None = None
         self.relay: InferenceRelay | None = None
         if inference_relay:
             # Another process owns the inference plane: relay /v1/* to it.
@@ -101,15 +108,26 @@ class Gateway:
                 health_interval=settings.health_interval,
                 health_timeout=settings.health_timeout,
                 eject_after=settings.worker_eject_after,
+                queue_aging=settings.queue_aging,
             ),
             InferenceMetrics(self.metrics.registry),
             routes=RoutesFile(settings.routes),
             placement=build_placement(settings.routing_policy),
             coalesce=settings.coalesce,
         )
-        seed_api = SeedInferenceApi(service, settings.max_tokens_limit, settings.max_prompt_bytes)
+
+        def key_of(req: Request) -> ApiKey | None:
+            return self.access.key_named(req.tenant)
+
+        budgets = None
+        if self.keys is not None:
+            store = self.limiter if self.limiter is not None else MemoryLimiter(BucketSpec(1, 1.0))
+            budgets = Budgets(store, fail_open=settings.rate_limit_on_error == "open")
+        self.budgets = budgets
+        tenants = TenantGate(key_of, budgets, service.metrics)
+        seed_api = SeedInferenceApi(service, settings.max_tokens_limit, settings.max_prompt_bytes, tenants)
         self.api.add("/v1/inference", ("POST",), seed_api.handle)
-        openai = OpenAiApi(service, settings.max_tokens_limit, settings.max_prompt_bytes)
+        openai = OpenAiApi(service, settings.max_tokens_limit, settings.max_prompt_bytes, tenants)
         self.api.add("/v1/models", ("GET",), openai.models)
         self.api.add("/v1/completions", ("POST",), openai.completions)
         self.api.add("/v1/chat/completions", ("POST",), openai.chat_completions)
@@ -117,7 +135,7 @@ class Gateway:
 
     def relayed_api(self) -> RelayedApi:
         """The application serving sibling processes' relayed /v1/* requests (owner only)."""
-        return RelayedApi(self.settings, self.writes, self.api, self)
+        return RelayedApi(self.settings, self.writes, self.api, self, self.log_request)
 
     def bound(self, port: int) -> None:
         """The listener is up on `port` (known only now when asked for port 0)."""
@@ -132,6 +150,8 @@ class Gateway:
         files: list[WatchedFile[Any]] = [self.blocklist]
         if self.inference is not None and self.inference.routes.path:
             files.append(self.inference.routes)
+        if self.keys is not None:
+            files.append(self.keys)
         return files
 
     def reload_files(self) -> None:
@@ -162,15 +182,13 @@ class Gateway:
     async def handle(self, req: Request, conn: ClientConnection) -> None:
         if req.method == "CONNECT":
             host, port = parse_authority(req.target)
+            self.access.check_proxy(req)
             if (pending := self._rate_limit(req, "connect")) is not None:
                 await pending
             await self._connect(req, host, port, conn)
             return
         if req.target[:1] == b"/":
-            path = origin_path(req.target)
-            if (pending := self._rate_limit(req, self._endpoint(path))) is not None:
-                await pending
-            await self.api.dispatch(req, path, conn)
+            await self._api(req, origin_path(req.target), conn)
             return
         if not req.is_absolute_form:
             if req.target == b"*" and req.method == "OPTIONS":
@@ -179,11 +197,9 @@ class Gateway:
             raise BadRequest("request target must be a path, an absolute http:// URL, or host:port for CONNECT")
         target = Target(req.target)
         if self.policy.names_own_listener(target.host, target.port):
-            path = origin_path(target.path)
-            if (pending := self._rate_limit(req, self._endpoint(path))) is not None:
-                await pending
-            await self.api.dispatch(req, path, conn)
+            await self._api(req, origin_path(target.path), conn)
             return
+        self.access.check_proxy(req)
         if (pending := self._rate_limit(req, "proxy")) is not None:
             await pending
         if self.blocklist.current.is_blocked(target.host):
@@ -202,6 +218,25 @@ class Gateway:
         except HttpError as exc:
             self.metrics.upstream_errors.labels(str(exc.status)).inc()
             raise
+
+    async def _api(self, req: Request, path: bytes, conn: ClientConnection) -> None:
+        """Our own endpoints. Every error on `/v1/*` is in OpenAI's JSON shape, as its clients expect."""
+        if not path.startswith(b"/v1/"):
+            if (pending := self._rate_limit(req, self._endpoint(path))) is not None:
+                await pending
+            await self.api.dispatch(req, path, conn)
+            return
+        try:
+            self.access.check_api(req)
+            if (pending := self._rate_limit(req, self._endpoint(path))) is not None:
+                await pending
+            await self.api.dispatch(req, path, conn)
+        except HttpError as exc:
+            if conn.response_started:
+                raise
+            conn.send(
+                exc.status, [(b"Content-Type", b"application/json"), *exc.headers], error_body(exc.status, exc.reason)
+            )
 
     def _endpoint(self, path: bytes) -> str:
         """The rate-limit class of an origin-form path ("" = exempt)."""
@@ -260,16 +295,21 @@ class Gateway:
         elapsed = time.perf_counter() - req.started
         status = conn.status or 499  # 499: the client went away before an answer
         self.metrics.observe_request(req.method, status, elapsed, conn.bytes_out)
+        if not req.logged_elsewhere:
+            self.log_request(req, conn)
+
+    def log_request(self, req: Request, conn: ClientConnection) -> None:
+        """The request's access-log line."""
         host, path = _log_host_path(req)
         body = req.body
         self.access_log.write(
             request_id=req.request_id,
-            status=status,
+            status=conn.status or 499,
             method=req.method,
             host=host,
             path=path,
             client_ip=req.peer_ip,
-            duration_ms=elapsed * 1000.0,
+            duration_ms=(time.perf_counter() - req.started) * 1000.0,
             bytes_in=body.received if body is not None else (req.content_length or 0),
             bytes_out=conn.bytes_out,
             fields=req.log_fields,
@@ -318,6 +358,8 @@ class Gateway:
             self.relay.close()
         if self.inference is not None:
             await self.inference.aclose()
+        if self.budgets is not None:
+            await self.budgets.aclose()
         if self.limiter is not None:
             await self.limiter.aclose()
         self.access_log.flush()

@@ -23,6 +23,7 @@ from .http.connection import ClientConnection
 from .inference.routes import RoutesError
 from .listeners import BACKLOG, listening_url, open_listeners
 from .policy.blocklist import BlocklistError
+from .policy.keys import KeysError
 from .policy.ratelimit import LimiterUnavailable, MemoryLimiter, RedisLimiter
 
 log = logging.getLogger("proxygate.server")
@@ -77,6 +78,12 @@ async def serve(
     except (OSError, BlocklistError, UnicodeDecodeError) as exc:
         log.error("cannot load blocklist %s: %s", settings.blocklist, exc)
         return 1
+    if gateway.keys is not None:
+        try:
+            gateway.keys.load_initial()
+        except (OSError, KeysError, UnicodeDecodeError) as exc:
+            log.error("cannot load api keys %s: %s", gateway.keys.path, exc)
+            return 1
     routes = gateway.inference.routes if gateway.inference is not None else None
     if routes is not None and routes.path:
         try:
@@ -120,6 +127,12 @@ async def serve(
         on_listening(bound[1])
     else:
         log.info("listening on %s", listening_url(settings.proto, socks[0]))
+    if on_listening is None or inference_socket:  # once, not once per process
+        log.info(
+            "forward proxy open to %s; API %s",
+            gateway.access.describe_proxy_access(),
+            "needs an API key" if gateway.keys is not None else "open to every client",
+        )
 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

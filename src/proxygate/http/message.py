@@ -86,6 +86,10 @@ class Request:
     abort_on_client_eof: bool = False
     # Extra access-log fields a handler adds (the inference route and model).
     log_fields: tuple[tuple[str, str], ...] = ()
+    # The API key's name once authenticated: the identity for limits and metrics.
+    tenant: str = ""
+    # Another process answered it and writes its access-log line (a relayed /v1/* request).
+    logged_elsewhere: bool = False
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a header, by lower-case name."""

@@ -16,6 +16,7 @@ from ..http.message import Request
 from .fields import announce_route, common_options, prompt_field, read_json_body
 from .service import GenerationFailed, GenerationRequest, InferenceService
 from .sse import SseWriter
+from .tenancy import TenantGate
 
 if TYPE_CHECKING:
     from ..http.connection import ClientConnection
@@ -41,8 +42,15 @@ def parse_generation(
 
 
 class SeedInferenceApi:
-    def __init__(self, service: InferenceService, max_tokens_limit: int, max_prompt_bytes: int) -> None:
+    def __init__(
+        self,
+        service: InferenceService,
+        max_tokens_limit: int,
+        max_prompt_bytes: int,
+        tenants: TenantGate,
+    ) -> None:
         self.service = service
+        self.tenants = tenants
         self.max_tokens_limit = max_tokens_limit
         self.max_prompt_bytes = max_prompt_bytes
 
@@ -56,10 +64,12 @@ class SeedInferenceApi:
             max_prompt_bytes=self.max_prompt_bytes,
             header_priority=req.header(b"x-priority"),
         )
+        admission = await self.tenants.admit(req, gen)
         sse = SseWriter(conn, req)
         stream = self.service.stream(gen)  # an async generator: closed below whatever happens
         try:
             async for resp in stream:
+                admission.observe(resp)
                 if not sse.started:
                     announce_route(req, gen)
                 event: dict[str, Any] = {"request_id": gen.request_id}
@@ -74,4 +84,5 @@ class SeedInferenceApi:
             await sse.error(str(exc))
         finally:
             await stream.aclose()
+            admission.finish()
         sse.end()

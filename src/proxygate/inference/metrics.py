@@ -97,6 +97,18 @@ class InferenceMetrics:
             ["route", "model", "reason"],
             registry=r,
         )
+        self.tenant_requests = Counter(
+            "inference_tenant_requests_total", "Inference requests by API key name", ["tenant"], registry=r
+        )
+        self.tenant_tokens = Counter(
+            "inference_tenant_tokens_total",
+            "Tokens used by API key name (kind: prompt or completion), as the workers counted them",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        self.budget_rejections = Counter(
+            "inference_budget_rejections_total", "Requests refused over their key's budget", ["tenant"], registry=r
+        )
         self.coalesced = Counter(
             "inference_coalesced_requests_total",
             "Requests that joined an identical generation already in flight",

@@ -17,6 +17,7 @@ from ..http.message import Request
 from .fields import announce_route, common_options, prompt_field, read_json_body
 from .service import GenerationFailed, GenerationRequest, InferenceService
 from .sse import SseWriter
+from .tenancy import TenantGate
 
 if TYPE_CHECKING:
     from ..http.connection import ClientConnection
@@ -59,8 +60,15 @@ class _Outcome:
 
 
 class OpenAiApi:
-    def __init__(self, service: InferenceService, max_tokens_limit: int, max_prompt_bytes: int) -> None:
+    def __init__(
+        self,
+        service: InferenceService,
+        max_tokens_limit: int,
+        max_prompt_bytes: int,
+        tenants: TenantGate,
+    ) -> None:
         self.service = service
+        self.tenants = tenants
         self.max_tokens_limit = max_tokens_limit
         self.max_prompt_bytes = max_prompt_bytes
 
@@ -153,6 +161,7 @@ class OpenAiApi:
     async def _generate(self, req: Request, conn: ClientConnection, *, chat: bool) -> None:
         body = await read_json_body(req)
         gen, stream = self._parse(body, req, chat)
+        admission = await self.tenants.admit(req, gen)
         req.abort_on_client_eof = True
         ident = ("chatcmpl-" if chat else "cmpl-") + req.request_id
         created = int(time.time())
@@ -168,6 +177,7 @@ class OpenAiApi:
         routed = False
         try:
             async for resp in tokens:
+                admission.observe(resp)
                 if not routed:
                     routed = True
                     announce_route(req, gen)
@@ -214,6 +224,7 @@ class OpenAiApi:
             return
         finally:
             await tokens.aclose()
+            admission.finish()
         if sse is not None:
             last = (
                 {"index": 0, "delta": {}, "finish_reason": outcome.finish_reason}

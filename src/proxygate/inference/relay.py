@@ -6,10 +6,12 @@ coalescing table, one prefix index. So one process (the first) owns it, and
 the others relay `/v1/*` requests to it over a unix socket as plain HTTP/1.1,
 streaming the response back as it comes (`InferenceRelay`). The owner serves
 those connections with `RelayedApi`: straight to the API router, since the
-relaying process already applied the client's rate limit, and without an
-access-log line or request metrics, which the relaying process records. The
-client's identity travels in `X-Proxygate-Client`, a header the relay always
-sets itself (a client cannot supply it).
+relaying process already checked the client's key and rate limit. The
+relaying process counts the request in its metrics; the owner writes its
+access-log line, since only it knows the route, model and token usage. The
+client's address and API key name travel in `X-Proxygate-Client` and
+`X-Proxygate-Tenant`, headers the relay sets itself (a client's own are
+dropped).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ if TYPE_CHECKING:
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 CLIENT_HEADER = b"x-proxygate-client"
+TENANT_HEADER = b"x-proxygate-tenant"
 RELAYED_PATHS = (b"/v1/inference", b"/v1/models", b"/v1/completions", b"/v1/chat/completions")
-_ROUTE_FIELDS = {b"x-proxygate-route": "route", b"x-proxygate-model": "model"}
 
 
 class UnixDialer:
@@ -56,24 +58,22 @@ class UnixDialer:
 class InferenceRelay(Forwarder):
     """A sibling process's `/v1/*` handler: the request goes to the owner, the answer comes back."""
 
-    request_skip = Forwarder.request_skip | {CLIENT_HEADER}
+    request_skip = Forwarder.request_skip | {CLIENT_HEADER, TENANT_HEADER}
     via = None
 
     def __init__(self, path: str, writes: WriteBatch, read_timeout: float) -> None:
         super().__init__(UpstreamPool(UnixDialer(path), 256, 60.0, writes), read_timeout)
 
     def extra_request_lines(self, req: Request) -> bytes:
-        return b"X-Proxygate-Client: %s\r\n" % req.peer_ip.encode("latin-1")
+        lines = b"X-Proxygate-Client: %s\r\n" % req.peer_ip.encode("latin-1")
+        if req.tenant:
+            lines += b"X-Proxygate-Tenant: %s\r\n" % req.tenant.encode("latin-1")
+        return lines
 
     def response_headers(self, req: Request, head: ResponseHead) -> Headers:
+        req.logged_elsewhere = True  # the owner answered: its access-log line has the route and usage
         # The owner's X-Request-ID is ours already; our own head writes it again.
-        kept = [h for h in head.headers if h[0].lower() != b"x-request-id"]
-        req.log_fields = tuple(
-            (_ROUTE_FIELDS[name.lower()], value.decode("latin-1"))
-            for name, value in kept
-            if name.lower() in _ROUTE_FIELDS
-        )
-        head.headers = kept
+        head.headers = [h for h in head.headers if h[0].lower() != b"x-request-id"]
         return super().response_headers(req, head)
 
     async def handle(self, req: Request, conn: ClientConnection) -> None:
@@ -88,20 +88,33 @@ class InferenceRelay(Forwarder):
 class RelayedApi:
     """The owner's side: the `Application` for connections from sibling processes."""
 
-    def __init__(self, settings: GatewaySettings, writes: WriteBatch, api: ApiRouter, track: Tracker) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        writes: WriteBatch,
+        api: ApiRouter,
+        track: Tracker,
+        log_request: Callable[[Request, ClientConnection], None],
+    ) -> None:
         self.settings = settings
         self.writes = writes
         self.api = api
         self.track = track
+        self.log_request = log_request
 
     async def handle(self, req: Request, conn: ClientConnection) -> None:
         client = req.header(CLIENT_HEADER)
         if client is not None:
             req.peer_ip = client.decode("latin-1")
+        tenant = req.header(TENANT_HEADER)
+        if tenant is not None:
+            req.tenant = tenant.decode("latin-1")  # authenticated by the relaying process
         await self.api.dispatch(req, origin_path(req.target), conn)
 
     def request_done(self, req: Request, conn: ClientConnection) -> None:
-        return None  # logged and counted where the client connected
+        # Counted in the metrics where the client connected; logged here,
+        # where the route, model and token usage are known.
+        self.log_request(req, conn)
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self.track.track(conn)

@@ -30,7 +30,7 @@ from .coalesce import Coalescer, coalesce_key
 from .metrics import InferenceMetrics
 from .placement import Placement, PrefixAffinity, prompt_blocks
 from .queue import ANY_MODEL, RequestQueue, Ticket
-from .routes import RouteChoice, RoutesFile
+from .routes import RouteChoice, RoutesFile, estimate_tokens
 from .scheduler import assign
 from .workers import WorkerClient, WorkerPool
 
@@ -47,6 +47,7 @@ class InferenceLimits:
     health_interval: float = 1.0
     health_timeout: float = 1.0
     eject_after: int = 3
+    queue_aging: float = 30.0  # a waiting request gains a priority level per interval (0: never)
 
 
 @dataclass(slots=True)
@@ -63,6 +64,9 @@ class GenerationRequest:
     raw_prompt: bool = False
     messages: list[tuple[str, str]] = field(default_factory=list)
     max_tokens_explicit: bool = True  # False: max_tokens is the API's default
+    tenant: str = ""  # the API key's name ("" without keys)
+    client: str = ""  # the client's address: the tenant for fair share without keys
+    weight: float = 1.0  # the tenant's share of the queue under contention
     # Set by the service: the route name asked for, why it went where it went,
     # and the model that served it.
     route: str = ""
@@ -154,6 +158,7 @@ class InferenceService:
         )
         self.accepting = True
         self.in_flight = 0
+        self._aging: asyncio.Task[None] | None = None
         metrics.track_workers(self.pool.workers)
 
     @property
@@ -162,9 +167,20 @@ class InferenceService:
 
     def start(self) -> None:
         self.pool.start()
+        if self.limits.queue_aging > 0 and self._aging is None:
+            self._aging = asyncio.get_running_loop().create_task(self._age_queue())
+
+    async def _age_queue(self) -> None:
+        """Once a second: waiting requests gain their aging levels (nothing starves)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.limits.queue_aging))
+            if self.queue.age(time.perf_counter(), self.limits.queue_aging):
+                self.schedule()
 
     async def aclose(self) -> None:
         self.accepting = False
+        if self._aging is not None:
+            self._aging.cancel()
         await self.pool.aclose()
 
     # ---- scheduling ------------------------------------------------------------
@@ -291,7 +307,13 @@ class InferenceService:
                 self.schedule()
             source = shared.follow()
         else:
-            ticket = Ticket(model=model, priority=req.priority)
+            ticket = Ticket(
+                model=model,
+                priority=req.priority,
+                tenant=req.tenant or "client:" + req.client,
+                cost=estimate_tokens(req.full_text()) + req.max_tokens,
+                weight=req.weight,
+            )
             if isinstance(self.placement, PrefixAffinity):
                 ticket.blocks, ticket.block_span = prompt_blocks(req.full_text())
             dispatch = self._dispatch(req, ticket, deadline, submitted)

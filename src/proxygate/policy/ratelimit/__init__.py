@@ -42,6 +42,10 @@ class RateLimiter(Protocol):
 
     async def check(self, key: str) -> Decision: ...
 
+    async def charge(self, key: str, spec: BucketSpec, cost: float, force: bool) -> tuple[bool, float]:
+        """Any bucket shape and cost (API key budgets); `check` is charge(key, the store's spec, 1)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -102,6 +106,8 @@ class RateLimitPolicy:
         return self._verdict(decision, endpoint)
 
     def _key(self, req: Request) -> str:
+        if req.tenant:
+            return "key:" + req.tenant  # an API key names the client, wherever it connects from
         return req.peer_ip if self._peer_keyed else self.identity.key(req.peer_ip, req.headers)
 
     def _verdict(self, decision: Decision, endpoint: str) -> Decision:

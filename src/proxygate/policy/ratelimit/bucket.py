@@ -60,6 +60,12 @@ class BucketSpec:
             return True, current + cost
         return False, current
 
+    def charge(self, level: float, last: float, now: float, cost: float, force: bool) -> tuple[bool, float]:
+        """`take`, or with `force` an unconditional charge (a negative cost gives units back)."""
+        if not force:
+            return self.take(level, last, now, cost)
+        return True, max(0.0, self.drained(level, last, now) + cost)
+
     def decision(self, allowed: bool, level: float, cost: float = 1.0) -> Decision:
         remaining = max(0, math.floor(self.capacity - level + 1e-9))
         retry = 0.0 if allowed else max(0.0, (level + cost - self.capacity) / self.rate)

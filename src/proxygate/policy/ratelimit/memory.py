@@ -31,15 +31,23 @@ class MemoryLimiter:
         return self.check_now(key)
 
     def check_now(self, key: str) -> Decision:
+        allowed, level = self.charge_now(key, self.spec, 1.0, False)
+        return self.spec.decision(allowed, level)
+
+    async def charge(self, key: str, spec: BucketSpec, cost: float, force: bool) -> tuple[bool, float]:
+        return self.charge_now(key, spec, cost, force)
+
+    def charge_now(self, key: str, spec: BucketSpec, cost: float, force: bool) -> tuple[bool, float]:
+        """Add `cost` to the bucket `key` of shape `spec` (see BucketSpec.charge); (allowed, level)."""
         now = self.clock()
         buckets = self._buckets
         state = buckets.pop(key, None)
         level, last = state if state is not None else (0.0, now)
-        allowed, level = self.spec.take(level, last, now)
+        allowed, level = spec.charge(level, last, now, cost, force)
         buckets[key] = (level, now)
         if len(buckets) > self.max_clients:
             self._evict(now)
-        return self.spec.decision(allowed, level)
+        return allowed, level
 
     def _evict(self, now: float) -> None:
         """Drop drained buckets from the old end; if none, the oldest one."""

@@ -16,7 +16,8 @@ from .resp import RespError
 
 log = logging.getLogger("proxygate.ratelimit")
 
-# KEYS[1] bucket; ARGV: capacity, rate (units/s), cost.
+# KEYS[1] bucket; ARGV: capacity, rate (units/s), cost, force (1: charge whatever
+# the level, and a negative cost gives units back).
 # Returns {allowed, level-as-string} (a Lua number would be truncated to an integer).
 LEAKY_BUCKET_LUA = """
 local capacity = tonumber(ARGV[1])
@@ -32,7 +33,11 @@ if elapsed < 0 then elapsed = 0 end
 level = level - elapsed * rate
 if level < 0 then level = 0 end
 local allowed = 0
-if level + cost <= capacity + 1e-9 then
+if ARGV[4] == '1' then
+  level = level + cost
+  if level < 0 then level = 0 end
+  allowed = 1
+elseif level + cost <= capacity + 1e-9 then
   level = level + cost
   allowed = 1
 end
@@ -63,7 +68,7 @@ class RedisLimiter:
         self.addr = f"{host}:{port}"
         self.client = PipelinedRedis(host, port, timeout, connections)
         self._script = Script(self.client, LEAKY_BUCKET_LUA)
-        self._args = [str(spec.capacity), repr(spec.rate), "1"]
+        self._args = [str(spec.capacity), repr(spec.rate), "1", "0"]
 
     async def ping(self) -> None:
         """Raises LimiterUnavailable when Redis cannot be reached (used at start)."""
@@ -73,14 +78,22 @@ class RedisLimiter:
             raise LimiterUnavailable(f"cannot reach Redis at {self.addr}: {exc}") from None
 
     async def check(self, key: str) -> Decision:
+        allowed, level = await self._run(key, self._args)
+        return self.spec.decision(allowed, level)
+
+    async def charge(self, key: str, spec: BucketSpec, cost: float, force: bool) -> tuple[bool, float]:
+        """Add `cost` to the bucket `key` of shape `spec` (see BucketSpec.charge); (allowed, level)."""
+        return await self._run(key, [str(spec.capacity), repr(spec.rate), repr(cost), "1" if force else "0"])
+
+    async def _run(self, key: str, args: list[str]) -> tuple[bool, float]:
         try:
-            reply = await self._script(keys=[f"pg:rl:{{{key}}}"], args=self._args)
+            reply = await self._script(keys=[f"pg:rl:{{{key}}}"], args=args)
         except (RedisUnavailable, RespError) as exc:
             raise LimiterUnavailable(str(exc)) from None
         if not isinstance(reply, list) or len(reply) != 2:
             raise LimiterUnavailable(f"unexpected reply from the rate-limit script: {reply!r}")
         allowed, level = reply
-        return self.spec.decision(allowed == 1, float(level))  # type: ignore[arg-type]
+        return allowed == 1, float(level)  # type: ignore[arg-type]
 
     async def aclose(self) -> None:
         await self.client.aclose()

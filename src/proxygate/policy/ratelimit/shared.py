@@ -71,8 +71,15 @@ class SharedMemoryLimiter:
         return self.check_now(key)
 
     def check_now(self, key: str) -> Decision:
+        allowed, level = self.charge_now(key, self.spec, 1.0, False)
+        return self.spec.decision(allowed, level)
+
+    async def charge(self, key: str, spec: BucketSpec, cost: float, force: bool) -> tuple[bool, float]:
+        return self.charge_now(key, spec, cost, force)
+
+    def charge_now(self, key: str, spec: BucketSpec, cost: float, force: bool) -> tuple[bool, float]:
+        """Add `cost` to the bucket `key` of shape `spec` (see BucketSpec.charge); (allowed, level)."""
         h = key_hash(key)
-        spec = self.spec
         table = self._map
         lock = self._lock
         slot = self._where.get(key, -1)
@@ -87,11 +94,11 @@ class SharedMemoryLimiter:
                 if len(self._where) >= self._where_cap:
                     self._where.clear()
                 self._where[key] = slot
-            allowed, level = spec.take(level, last, now)
+            allowed, level = spec.charge(level, last, now, cost, force)
             _STATE.pack_into(table, self._states_at + slot * _STATE.size, level, now)
         finally:
             lock.release()
-        return spec.decision(allowed, level)
+        return allowed, level
 
     def _find(self, h: int, now: float) -> tuple[int, float, float]:
         """(slot, level, last) of hash `h`, claiming a slot in its window if it has none."""

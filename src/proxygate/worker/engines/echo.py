@@ -4,8 +4,8 @@ For routing benchmarks and tests without a real model it can also pretend to
 have a prefix cache of `prefix_slots` prompt families (least recently used
 evicted): a prompt's `cached_tokens` is the longest word prefix it shares
 with a held prompt (at most all its words but one, as the hf engine
-reports), and it then takes that prompt's slot; a prompt sharing nothing
-takes a new one. `prefill_ms_per_token` delays the first token by that much
+reports), and when that is at least half of the held prompt it takes that
+prompt's slot; otherwise it takes a new one. `prefill_ms_per_token` delays the first token by that much
 per uncached prompt word.
 """
 
@@ -34,10 +34,11 @@ class SimulatedPrefixCache:
             n = _common_prefix(key, words)
             if n > best:
                 best, best_key = n, key
-        if best_key is not None:
-            # The prompt joins the family it shares a prefix with: the slot
-            # now holds it (the shared part stays warm, the old tail goes),
-            # as a real cache keeps hot prefix blocks and evicts cold tails.
+        if best_key is not None and 2 * best >= len(best_key):
+            # The prompt joins the family it shares most of a prefix with:
+            # the slot now holds it (the shared part stays warm, the old tail
+            # goes), as a real cache keeps hot prefix blocks and evicts cold
+            # tails. A word or two in common does not make a family.
             del self._prompts[best_key]
         cached = min(best, max(0, len(words) - 1))
         key = tuple(words)
