@@ -61,7 +61,9 @@ def pct(values: list[float], q: float) -> float:
 # ---- clients -----------------------------------------------------------------------
 
 
-async def sse_request(port: int, body: dict, processes: list[str] | None = None) -> tuple[float, list[float], int]:
+async def sse_request(
+    port: int, body: dict, processes: list[str] | None = None, headers: bytes = b""
+) -> tuple[float, list[float], int]:
     """(ttft, inter-token gaps, tokens) of one /v1/inference stream, timed from the request's send.
 
     `processes` collects which gateway process answered (its request-id prefix)."""
@@ -69,8 +71,8 @@ async def sse_request(port: int, body: dict, processes: list[str] | None = None)
     payload = json.dumps(body).encode()
     start = time.perf_counter()
     writer.write(
-        b"POST /v1/inference HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(payload), payload)
+        b"POST /v1/inference HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n%s"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (headers, len(payload), payload)
     )
     ttft = 0.0
     gaps: list[float] = []
@@ -157,7 +159,7 @@ async def latency_compare(gw_port: int, worker_port: int, n: int) -> dict[str, d
     return out
 
 
-async def throughput(gw_port: int, streams: int, seconds: float, tokens_per_stream: int) -> float:
+async def throughput(gw_port: int, streams: int, seconds: float, tokens_per_stream: int, headers: bytes = b"") -> float:
     body = {"prompt": " ".join(["tok"] * (tokens_per_stream - 1)), "max_tokens": tokens_per_stream}
     deadline = time.monotonic() + seconds
     total = 0
@@ -165,7 +167,7 @@ async def throughput(gw_port: int, streams: int, seconds: float, tokens_per_stre
     async def loop() -> None:
         nonlocal total
         while time.monotonic() < deadline:
-            _, _, n = await sse_request(gw_port, body)
+            _, _, n = await sse_request(gw_port, body, headers=headers)
             total += n
 
     start = time.monotonic()

@@ -234,12 +234,20 @@ def _bytes(text: str) -> float:
 
 
 def wrk(
-    url: str, proxy_port: int | None, conns: int, duration: float, work: Path, close: bool = False
+    url: str,
+    proxy_port: int | None,
+    conns: int,
+    duration: float,
+    work: Path,
+    close: bool = False,
+    headers: tuple[str, ...] = (),
 ) -> dict[str, float]:
     threads = 1 if conns == 1 else 2
     cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(duration))}s", "--latency", "--timeout", "10s"]
     if close:
         cmd += ["-H", "Connection: close"]
+    for header in headers:
+        cmd += ["-H", header]
     if proxy_port is None:
         cmd.append(url)
     else:

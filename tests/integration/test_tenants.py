@@ -242,3 +242,25 @@ def test_allow_clients_refuses_others(start_gateway, origin: Origin, tls_origin:
     assert r.status_code == 403 and "--allow-clients" in r.text
     assert curl_proxy(gw, f"{tls_origin.url}/hello")[1] == "403"
     assert requests.get(f"{gw.proxy}/healthz", timeout=5).status_code == 200  # the gateway's own API is not the proxy
+
+
+def test_tokens_admitted_stay_within_the_budget_and_near_it(start_gateway, start_worker, tmp_path: Path) -> None:
+    w = start_worker("--max-concurrency", "8")
+    keys = key_file(tmp_path / "keys.toml", alpha={"tokens_per_minute": 600})
+    gw = start_gateway("-worker-addrs", w.addr, "--api-keys", str(keys), "--coalesce", "off")
+    wait_healthy(gw)
+    used = refused = 0
+    started = time.monotonic()
+    for i in range(150):  # bounded: ~150 short requests
+        r = complete(gw, "alpha", prompt=f"q{i} b c d", max_tokens=20)
+        if r.status_code == 200:
+            used += r.json()["usage"]["total_tokens"]  # 4 + 5 each
+        else:
+            assert r.status_code == 429 and r.headers["x-ratelimit-limit-tokens"] == "600"
+            refused += 1
+    elapsed = time.monotonic() - started
+    # The bucket holds 600 and drains 10 a second; each admission reserves
+    # 1 + 20 until its usage (9) is settled.
+    assert refused > 0
+    assert used <= 600 + 10 * elapsed + 9, (used, elapsed)
+    assert used >= 600 - 21, (used, elapsed)

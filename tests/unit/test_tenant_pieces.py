@@ -7,9 +7,15 @@ import base64
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from proxygate.errors import TooManyRequests
+from proxygate._pb import inference_pb2
+from proxygate.errors import Forbidden, TooManyRequests
+from proxygate.http.message import Request
+from proxygate.inference.metrics import InferenceMetrics
 from proxygate.inference.queue import RequestQueue, Ticket
+from proxygate.inference.service import GenerationRequest
+from proxygate.inference.tenancy import TenantGate
 from proxygate.policy.budgets import Budgets
 from proxygate.policy.keys import KeysError, add_key, basic_credentials, bearer_token, digest, parse_keys
 from proxygate.policy.ratelimit import BucketSpec, MemoryLimiter
@@ -140,3 +146,21 @@ def test_aging_raises_waiting_tickets_a_level_per_interval() -> None:
     assert next(q.heads()) is low  # level with the highs, and queued first
     assert q.age(now=9.6, interval=2.0) == 0
     assert low.base_priority == 1
+
+
+def test_tenant_gate_applies_a_keys_models_priority_and_weight() -> None:
+    key = parse_keys(f'[keys.k]\nsha256 = "{digest("t")}"\nmodels = ["m"]\nmax_priority = 3\nweight = 2\n').lookup("t")
+    gate = TenantGate(lambda req: key, None, InferenceMetrics(CollectorRegistry()))
+    req = Request("POST", b"/v1/completions", b"1.1", [], True, None, "rid", "10.0.0.7")
+
+    async def main() -> None:
+        gen = GenerationRequest(request_id="rid", prompt="p", model="m", priority=9)
+        admission = await gate.admit(req, gen)
+        assert (gen.priority, gen.tenant, gen.weight, gen.client) == (3, "k", 2.0, "10.0.0.7")
+        admission.observe(inference_pb2.TokenResponse(token="a", token_count=1, prompt_tokens=7))
+        admission.finish()
+        assert dict(req.log_fields) == {"tenant": "k", "prompt_tokens": "7", "completion_tokens": "1"}
+        with pytest.raises(Forbidden):
+            await gate.admit(req, GenerationRequest(request_id="r2", prompt="p", model="other"))
+
+    asyncio.run(main())
