@@ -264,3 +264,25 @@ def test_tokens_admitted_stay_within_the_budget_and_near_it(start_gateway, start
     assert refused > 0
     assert used <= 600 + 10 * elapsed + 9, (used, elapsed)
     assert used >= 600 - 21, (used, elapsed)
+
+
+def test_coalesced_followers_are_charged_their_own_usage(start_gateway, start_worker, tmp_path: Path) -> None:
+    w = start_worker("--latency", "0.05")
+    keys = key_file(tmp_path / "keys.toml", alpha={"tokens_per_minute": 100000})
+    gw = start_gateway("-worker-addrs", w.addr, "--api-keys", str(keys))
+    wait_healthy(gw)
+    gate = threading.Barrier(3)
+
+    def one(_: int) -> dict:
+        gate.wait()
+        r = complete(gw, "alpha", prompt="w1 w2 w3 w4 w5 w6", max_tokens=7, temperature=0)
+        assert r.status_code == 200
+        return r.json()["usage"]
+
+    with ThreadPoolExecutor(3) as pool:
+        usages = list(pool.map(one, range(3)))
+    assert usages == [usages[0]] * 3 and usages[0]["total_tokens"] == 6 + 7
+    assert w.health().generations_started == 1  # one generation…
+    wait_for(  # …and each of the three clients paid for its own answer
+        lambda: metric(gw, "inference_tenant_tokens_total", tenant="alpha") == 3 * 13, "three usages counted"
+    )
