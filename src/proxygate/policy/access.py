@@ -15,11 +15,12 @@ rate limits, budgets, fair share, metrics and the access log.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 
 from ..config import IPNetwork
 from ..errors import Forbidden, ProxyAuthRequired, Unauthorized
 from ..http.message import Request
-from .keys import ApiKey, KeyFile, basic_credentials, bearer_token
+from .keys import ApiKey, KeyFile, KeyTable, basic_credentials, bearer_token
 
 
 class AccessPolicy:
@@ -27,6 +28,11 @@ class AccessPolicy:
         self.allow_clients = allow_clients  # None: everyone
         self.keys = keys
         self.proxy_auth = proxy_auth and keys is not None
+        # Header value -> key (or None), for the key table it was resolved
+        # against: a client sends the same credentials on every request, and
+        # this saves decoding and hashing them each time.
+        self._resolved: dict[bytes, ApiKey | None] = {}
+        self._resolved_for: KeyTable | None = None
 
     def describe_proxy_access(self) -> str:
         """One line for the start-up log: who may use the forward proxy."""
@@ -51,12 +57,11 @@ class AccessPolicy:
         if not self.proxy_auth:
             return
         assert self.keys is not None
-        creds = basic_credentials(req.header(b"proxy-authorization"))
-        if creds is None:
+        value = req.header(b"proxy-authorization")
+        if value is None:
             raise ProxyAuthRequired("proxy authentication required (Proxy-Authorization: Basic name:token)")
-        name, token = creds
-        key = self.keys.current.lookup(token)
-        if key is None or key.name != name:
+        key = self._resolve(value, _basic_key)
+        if key is None:
             raise ProxyAuthRequired("proxy authentication failed: unknown name or token")
         if not key.proxy:
             raise Forbidden(f"key {key.name!r} may not use the forward proxy (proxy = false)")
@@ -66,15 +71,45 @@ class AccessPolicy:
         """The request's API key (None without a key file), or 401; sets `req.tenant`."""
         if self.keys is None:
             return None
-        token = bearer_token(req.header(b"authorization"))
-        if token is None:
+        value = req.header(b"authorization")
+        if value is None:
             raise Unauthorized("missing API key: send Authorization: Bearer <key>")
-        key = self.keys.current.lookup(token)
+        key = self._resolve(value, _bearer_key)
         if key is None:
             raise Unauthorized("invalid API key")
         req.tenant = key.name
         return key
 
+    def _resolve(self, value: bytes, resolve: Callable[[KeyTable, bytes], ApiKey | None]) -> ApiKey | None:
+        assert self.keys is not None
+        table = self.keys.current
+        if table is not self._resolved_for:  # reloaded: forget what the old table said
+            self._resolved.clear()
+            self._resolved_for = table
+        try:
+            return self._resolved[value]
+        except KeyError:
+            pass
+        key = resolve(table, value)
+        if len(self._resolved) >= 1024:
+            self._resolved.clear()
+        self._resolved[value] = key
+        return key
+
     def key_named(self, name: str) -> ApiKey | None:
         """A key by its name (requests relayed from a sibling process carry only the name)."""
         return self.keys.current.by_name.get(name) if self.keys is not None and name else None
+
+
+def _basic_key(table: KeyTable, value: bytes) -> ApiKey | None:
+    creds = basic_credentials(value)
+    if creds is None:
+        return None
+    name, token = creds
+    key = table.lookup(token)
+    return key if key is not None and key.name == name else None
+
+
+def _bearer_key(table: KeyTable, value: bytes) -> ApiKey | None:
+    token = bearer_token(value)
+    return table.lookup(token) if token is not None else None
