@@ -10,11 +10,13 @@ unit:           ## fast unit tests only
 run:            ## start the gateway on :8080
 	./scripts/run
 
-bench:          ## proxy and rate-limiter benchmarks (results: bench/RESULTS.md)
+bench:          ## proxy, limiter, inference, engine, routing and tenant benchmarks (results: bench/RESULTS.md)
 	$(PY) bench/proxy_bench.py
 	$(PY) bench/ratelimit_bench.py
 	$(PY) bench/inference_bench.py
 	$(PY) bench/engine_bench.py
+	$(PY) bench/routing_bench.py
+	$(PY) bench/tenant_bench.py
 
 lint:
 	$(PY) -m ruff check src tests bench
