@@ -149,6 +149,13 @@ def parse_networks(text: str) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
+# Loopback, "this network" and link-local (cloud metadata), and the unspecified
+# addresses, which reach the local machine: never proxied to by default.
+DENY_DEFAULT = "127.0.0.0/8,::1/128,0.0.0.0/8,::/128,169.254.0.0/16,fe80::/10"
+# Squid's Safe_ports: the well-known ports of web protocols and every
+# unprivileged port, not the mail, SSH or database ports below 1024.
+SAFE_PORTS = "80,21,443,70,210,280,488,591,777,1025-65535"
+
 # Squid's `localnet`, plus loopback: who may use the forward proxy by default.
 LOCALNET = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7,fe80::/10"
 
@@ -238,15 +245,23 @@ GATEWAY_FLAGS: tuple[Flag, ...] = (
     Flag("idle-timeout", "120s", parse_duration, "idle keep-alive connection and idle tunnel timeout"),
     Flag("dial-timeout", "10s", parse_duration, "upstream connect timeout"),
     Flag("inference-timeout", "5m", parse_duration, "max inference request duration"),
+    Flag(
+        "token-timeout",
+        "10s",
+        parse_duration,
+        "a worker that sends nothing on a stream this long has stalled: retried elsewhere before the first token, "
+        "else the stream ends with an error (0: never)",
+    ),
     Flag("shutdown-timeout", "30s", parse_duration, "graceful shutdown timeout"),
     Flag("blocklist", "configs/blocklist.json", str, 'blocklist file (JSON: {"blocked_domains": [...]})'),
     Flag("connect-ports", "443", parse_ports, "ports CONNECT may reach: comma list/ranges, or * for any"),
     Flag(
         "deny-destinations",
-        "127.0.0.0/8,::1/128,0.0.0.0/8,169.254.0.0/16,fe80::/10",
+        DENY_DEFAULT,
         parse_networks,
-        "CIDRs no proxied request or tunnel may reach (empty: allow all)",
+        "CIDRs no proxied request or tunnel may reach, also as IPv4 inside IPv6 (empty: allow all)",
     ),
+    Flag("http-ports", SAFE_PORTS, parse_ports, "ports plain HTTP requests may reach: comma list/ranges, or * for any"),
     Flag("trusted-proxies", "", parse_networks, "CIDRs whose X-Forwarded-For / X-Real-IP is believed"),
     Flag("max-header-size", "64KiB", parse_size, "largest request line + headers (431 beyond)"),
     Flag("max-queue", "1000", parse_positive_int, "inference requests waiting for a worker (503 beyond)"),
@@ -314,10 +329,12 @@ class GatewaySettings:
     idle_timeout: float = 120.0
     dial_timeout: float = 10.0
     inference_timeout: float = 300.0
+    token_timeout: float = 10.0
     shutdown_timeout: float = 30.0
     blocklist: str = "configs/blocklist.json"
     connect_ports: frozenset[int] | None = frozenset({443})
-    deny_destinations: tuple[IPNetwork, ...] = parse_networks("127.0.0.0/8,::1/128,0.0.0.0/8,169.254.0.0/16,fe80::/10")
+    deny_destinations: tuple[IPNetwork, ...] = parse_networks(DENY_DEFAULT)
+    http_ports: frozenset[int] | None = parse_ports(SAFE_PORTS)
     trusted_proxies: tuple[IPNetwork, ...] = ()
     max_header_size: int = 64 * 1024
     max_queue: int = 1000

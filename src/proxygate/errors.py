@@ -61,6 +61,12 @@ class HeadersTooLarge(HttpError):
     status = 431
 
 
+class NotImplementedHttp(HttpError):
+    """501: a request feature we do not implement (a transfer coding)."""
+
+    status = 501
+
+
 class BadGateway(HttpError):
     status = 502
 

@@ -109,6 +109,7 @@ class Gateway:
                 health_timeout=settings.health_timeout,
                 eject_after=settings.worker_eject_after,
                 queue_aging=settings.queue_aging,
+                token_timeout=settings.token_timeout,
             ),
             InferenceMetrics(self.metrics.registry),
             routes=RoutesFile(settings.routes),
@@ -211,6 +212,7 @@ class Gateway:
             # plain HTTP, and the connection ends after it.
             conn.close_after = True
         try:
+            self.policy.check_http_port(target.port)
             await self.forwarder.forward(req, target, conn)
         except DestinationDenied:
             self.metrics.denied.labels("destination").inc()

@@ -53,6 +53,29 @@ def test_store_burst_retry_and_refill(store) -> None:
     asyncio.run(run())
 
 
+def test_store_charges_any_bucket_and_forced_charges_settle(store) -> None:
+    """Budgets use `charge`: any bucket shape and cost; a forced charge always applies, a negative one gives back."""
+    kind, server = store
+
+    async def run() -> None:
+        lim = make_limiter(kind, BucketSpec.per_minute(60, 1), server)
+        tokens = BucketSpec(capacity=600, rate=0.001)  # barely drains during the test
+        try:
+            assert await lim.charge("b:t:k", tokens, 500, False) == (True, pytest.approx(500, abs=0.01))
+            allowed, level = await lim.charge("b:t:k", tokens, 200, False)
+            assert not allowed and level == pytest.approx(500, abs=0.01)  # refused, nothing added
+            allowed, level = await lim.charge("b:t:k", tokens, -450, True)  # settled: 50 of 500 used
+            assert allowed and level == pytest.approx(50, abs=0.01)
+            assert (await lim.charge("b:t:k", tokens, 500, False))[0]
+            allowed, level = await lim.charge("b:t:k", tokens, 100, True)  # more than reserved: charged anyway
+            assert allowed and level == pytest.approx(650, abs=0.01)
+            assert (await lim.charge("b:t:k", tokens, -10_000, True))[1] == 0  # never below empty
+        finally:
+            await lim.aclose()
+
+    asyncio.run(run())
+
+
 def test_store_slightly_over_limit_client(store) -> None:
     """20 req/s against 10/s with burst 5 for 3 s: about 5 + 30 admitted, not a lock-out."""
     kind, server = store

@@ -36,6 +36,55 @@ def test_default_denials(ip: str) -> None:
         policy().allowed_addresses("h", 443, addrs(ip))
 
 
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "::",
+        "::0",
+        "0:0:0:0:0:0:0:0",
+        "0000:0000:0000:0000:0000:0000:0000:0000",
+        "::ffff:0.0.0.0",
+        "::ffff:7f00:1",  # IPv4-mapped loopback, hex
+        "::ffff:169.254.169.254",  # cloud metadata, mapped
+        "::127.0.0.1",  # IPv4-compatible
+        "::7f00:1",
+        "2002:7f00:1::",  # 6to4 of 127.0.0.1
+        "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+        "64:ff9b::127.0.0.1",  # NAT64
+        "64:ff9b::a9fe:a9fe",
+    ],
+)
+def test_every_spelling_of_a_denied_address_is_denied(spelling: str) -> None:
+    with pytest.raises(DestinationDenied, match="deny-destinations"):
+        policy().allowed_addresses("h", 443, addrs(spelling))
+
+
+@pytest.mark.parametrize("host", ["::", "0:0:0:0:0:0:0:0", "0", "0.0.0.0", "2130706433", "0177.0.0.1", "127.1"])
+def test_resolved_spellings_are_denied(host: str) -> None:
+    """What a resolver turns into a local address is checked after resolving."""
+    dialer = Dialer(policy(), 1.0)
+
+    async def dial() -> None:
+        await dialer.open(host, 8081, asyncio.Protocol)
+
+    with pytest.raises(DestinationDenied):
+        asyncio.run(dial())
+
+
+def test_public_ipv6_and_embedded_public_ipv4_pass() -> None:
+    assert policy().allowed_addresses("h", 443, addrs("2606:4700::1111", "::ffff:93.184.216.34", "64:ff9b::5db8:d822"))
+
+
+def test_http_ports() -> None:
+    p = policy()
+    for port in (80, 443, 8080, 1025, 65535):
+        p.check_http_port(port)
+    for port in (22, 25, 110, 1024):
+        with pytest.raises(DestinationDenied, match="http-ports"):
+            p.check_http_port(port)
+    policy(http_ports=None).check_http_port(25)
+
+
 def test_denied_addresses_filtered_not_all() -> None:
     allowed = policy().allowed_addresses("h", 443, addrs("127.0.0.1", "93.184.216.34"))
     assert [str(ip) for ip, _ in allowed] == ["93.184.216.34"]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
-from ..errors import BadRequest, HeadersTooLarge, HttpError, RequestTimeout, WriteStalled
+from ..errors import BadRequest, HeadersTooLarge, HttpError, NotImplementedHttp, RequestTimeout, WriteStalled
 from .flow import BodyBuffer, WriteFlow
 from .message import Headers, ParseFailure, Request, new_request_id, pick_request_id, render_head
 from .write_batch import WriteBatch
@@ -217,11 +217,17 @@ class ClientConnection(asyncio.Protocol):
         self._headers.append((name, value))
         lname = name.lower()
         if lname == b"host":
+            if self._host is not None:
+                raise BadRequest("more than one Host header")
             self._host = value
         elif lname == b"content-length":
             self._content_length = int(value)  # llhttp has validated the digits
         elif lname == b"transfer-encoding":
-            self._chunked = self._chunked or b"chunked" in value.lower()
+            codings = [c.strip() for c in value.lower().split(b",")]
+            if codings[-1] != b"chunked" or any(c not in (b"chunked", b"identity", b"") for c in codings):
+                # RFC 9112 6.1: chunked must come last; we decode no other coding.
+                raise NotImplementedHttp(f"unsupported Transfer-Encoding: {value.decode('latin-1')[:100]}")
+            self._chunked = True
         elif lname == b"expect":
             if value.lower() != b"100-continue":
                 raise _ExpectationFailed(f"unsupported Expect: {value.decode('latin-1')}")
@@ -232,11 +238,18 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self.parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise BadRequest("the request line needs a version: HTTP/1.1 or HTTP/1.0")
+        if self._chunked and version == "1.0":
+            raise BadRequest("chunked Transfer-Encoding in an HTTP/1.0 request")
+        if self._host is None and version == "1.1" and parser.get_method() != b"CONNECT":
+            raise BadRequest("HTTP/1.1 request without a Host header")
         has_body = self._chunked or bool(self._content_length)
         req = Request(
             method=parser.get_method().decode("ascii"),
             target=self._url,
-            version=parser.get_http_version().encode("ascii"),
+            version=version.encode("ascii"),
             headers=self._headers,
             keep_alive=parser.should_keep_alive(),
             body=BodyBuffer(self.transport, self._continue_hook()) if has_body else None,

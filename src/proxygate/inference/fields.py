@@ -14,6 +14,7 @@ from ..http.message import Request
 from .service import DEFAULT_MODEL, GenerationRequest, routing_head
 
 MAX_BODY = 1024 * 1024
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 async def read_json_body(req: Request, limit: int = MAX_BODY) -> Any:
@@ -28,10 +29,19 @@ async def read_json_body(req: Request, limit: int = MAX_BODY) -> Any:
         if size > limit:
             raise PayloadTooLarge(f"request body over {limit} bytes")
         parts.append(chunk)
+    data = b"".join(parts)
     try:
-        return json.loads(b"".join(parts))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"invalid JSON: {exc}") from None
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest(f"invalid JSON: {str(exc)[:200]}") from None
+    if b"\\u" in data:
+        # JSON may spell a lone UTF-16 surrogate (\ud800): Python keeps it,
+        # and it would fail later when encoded for a worker or a log line.
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("invalid JSON: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff)") from None
+    return body
 
 
 def number_field(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
@@ -89,8 +99,8 @@ def common_options(
     if not isinstance(stop, list) or len(stop) > 8 or not all(isinstance(s, str) and s for s in stop):
         raise BadRequest("stop must be a string or a list of up to 8 non-empty strings")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise BadRequest("seed must be an integer")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not INT64_MIN <= seed <= INT64_MAX):
+        raise BadRequest("seed must be an integer that fits in 64 bits")
     return {
         "model": model,
         "max_tokens": integer_field(body, "max_tokens", min(default_max_tokens, max_tokens_limit), 1, max_tokens_limit),

@@ -143,15 +143,19 @@ class OpenAiApi:
         out: list[tuple[str, str]] = []
         size = 0
         for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else None
+            if not isinstance(role, str) or role not in ROLES:
                 raise BadRequest("each message needs a role (system, user, assistant, tool or developer)")
             content = m.get("content")
             if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+                texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+                if not all(isinstance(t, str) for t in texts):
+                    raise BadRequest("a text content part needs a string text")
+                content = "".join(texts)  # type: ignore[arg-type]
             if not isinstance(content, str):
                 raise BadRequest("message content must be a string or a list of text parts")
             size += len(content.encode())
-            out.append((m["role"], content))
+            out.append((role, content))
         if size > self.max_prompt_bytes:
             raise BadRequest(f"messages must be at most {self.max_prompt_bytes} bytes in all")
         return out

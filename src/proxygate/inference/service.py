@@ -48,6 +48,7 @@ class InferenceLimits:
     health_timeout: float = 1.0
     eject_after: int = 3
     queue_aging: float = 30.0  # a waiting request gains a priority level per interval (0: never)
+    token_timeout: float = 10.0  # a worker silent this long on a stream has stalled (0: never)
 
 
 @dataclass(slots=True)
@@ -380,8 +381,10 @@ class InferenceService:
             ticket.served_model = ticket.model or worker.only_model or ""
             worker_status = "error"
             call = worker.stub.Generate(message, timeout=max(0.001, deadline - loop.time()))
+            watch = StallWatch(call, self.limits.token_timeout)
             try:
                 async for resp in call:
+                    watch.last = loop.time()
                     if resp.error:
                         if first:
                             raise BadGateway(f"generation failed: {_one_line(resp.error)}")
@@ -391,42 +394,88 @@ class InferenceService:
                         self.placement.observed(worker.id, ticket, resp.prompt_tokens, resp.cached_tokens)
                     if resp.finished:
                         worker_status = "success"  # before the yield: the consumer may close us there
+                    watch.waiting = False  # a slow client is not a stalled worker
                     yield resp
                     if resp.finished:
                         return
+                    watch.waiting = True
+                    watch.last = loop.time()
                 raise GenerationFailed("worker ended the stream without finishing")
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    worker_status = "timeout"
-                    if first:
-                        raise GatewayTimeout("inference timed out") from None
-                    raise GenerationFailed("inference timed out", timed_out=True) from None
-                if code == grpc.StatusCode.UNAVAILABLE and worker.eject_now(exc.details() or "unavailable"):
-                    self.schedule()
+            except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    current = asyncio.current_task()
+                    if not watch.stalled or (current is not None and current.cancelling()):
+                        raise  # our own cancellation (the client left), not a stall
+                    why = f"no message for {self.limits.token_timeout:g}s"
+                    worker.record_failure(f"stalled: {why}")
+                    if not first:
+                        raise GenerationFailed(f"worker {worker.id} stalled: {why}") from None
+                    code_name = "STALLED"
                 else:
-                    worker.record_failure(f"{code.name}: {exc.details()}")
-                if not first:
-                    raise GenerationFailed(f"worker {worker.id} failed: {code.name}") from None
+                    code = exc.code()
+                    code_name = code.name
+                    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        worker_status = "timeout"
+                        if first:
+                            raise GatewayTimeout("inference timed out") from None
+                        raise GenerationFailed("inference timed out", timed_out=True) from None
+                    if code == grpc.StatusCode.UNAVAILABLE and worker.eject_now(exc.details() or "unavailable"):
+                        self.schedule()
+                    else:
+                        worker.record_failure(f"{code.name}: {exc.details()}")
+                    if not first:
+                        raise GenerationFailed(f"worker {worker.id} failed: {code.name}") from None
                 # Nothing reached the client yet: try another worker.
                 ticket.excluded.add(worker.id)
                 left = any(w.serves(ticket.model) and w.id not in ticket.excluded for w in self.pool.workers)
                 if not left and not self._fall_back(req, ticket):
                     raise ServiceUnavailable(
-                        f"inference workers failed: {code.name}", headers=[(b"Retry-After", b"2")]
+                        f"inference workers failed: {code_name}", headers=[(b"Retry-After", b"2")]
                     ) from None
                 log.info(
                     "request %s: worker %s failed before the first token (%s); retrying",
                     req.request_id,
                     worker.id,
-                    code.name,
+                    code_name,
                 )
                 retry = True
             finally:
+                watch.stop()
                 call.cancel()
                 m.processing.labels(model_label, worker.id).observe(time.perf_counter() - dispatched)
                 m.worker_requests.labels(worker.id, worker_status).inc()
                 self._release(worker)
+
+
+class StallWatch:
+    """Cancels a worker call that sends nothing for `timeout` seconds (`stalled` says so).
+
+    One timer per stream, moved lazily: a message only records its time, and
+    the timer, when it fires early, re-arms for the rest of the interval.
+    """
+
+    def __init__(self, call: grpc.aio.Call, timeout: float) -> None:
+        self.call = call
+        self.timeout = timeout
+        self.stalled = False
+        self.waiting = True  # False while the consumer holds a message
+        self._loop = asyncio.get_running_loop()
+        self.last = self._loop.time()
+        self._timer = self._loop.call_later(timeout, self._check) if timeout > 0 else None
+
+    def _check(self) -> None:
+        idle = self._loop.time() - self.last if self.waiting else 0.0
+        if idle >= self.timeout:
+            self.stalled = True
+            self._timer = None
+            self.call.cancel()
+        else:
+            self._timer = self._loop.call_later(self.timeout - idle, self._check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _one_line(text: str) -> str:

@@ -31,17 +31,43 @@ def _is_local_address(ip: IPAddress) -> bool:
     return True
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries and a network stack may reach:
+    IPv4-mapped (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d), 6to4
+    (2002:aabb:ccdd::) and NAT64 (64:ff9b::a.b.c.d)."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    packed = ip.packed
+    if packed[:12] == bytes(12) and int(ip) > 1:  # ::a.b.c.d (not :: or ::1)
+        return ipaddress.IPv4Address(packed[12:])
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(packed[12:])
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class DestinationPolicy:
     connect_ports: frozenset[int] | None
     deny: tuple[IPNetwork, ...]
     listen_host: str
     listen_port: int
+    http_ports: frozenset[int] | None = None
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings, bound_port: int | None = None) -> DestinationPolicy:
         host, port = settings.listen
-        return cls(settings.connect_ports, settings.deny_destinations, host, bound_port or port)
+        return cls(settings.connect_ports, settings.deny_destinations, host, bound_port or port, settings.http_ports)
+
+    def check_http_port(self, port: int) -> None:
+        if self.http_ports is not None and port not in self.http_ports:
+            raise DestinationDenied(f"plain HTTP to port {port} is not allowed (--http-ports)")
 
     def check_connect_port(self, port: int) -> None:
         if self.connect_ports is not None and port not in self.connect_ports:
@@ -49,9 +75,10 @@ class DestinationPolicy:
             raise DestinationDenied(f"CONNECT to port {port} is not allowed (--connect-ports {allowed})")
 
     def denied_by(self, ip: IPAddress) -> IPNetwork | None:
-        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+        """The denied range `ip` falls in, by itself or by the IPv4 address it embeds."""
+        embedded = embedded_ipv4(ip)
         for net in self.deny:
-            if ip in net or (mapped is not None and mapped in net):
+            if ip in net or (embedded is not None and embedded in net):
                 return net
         return None
 

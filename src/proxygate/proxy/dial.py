@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from ..errors import BadGateway, GatewayTimeout
+from ..errors import BadGateway, BadRequest, GatewayTimeout
 from ..policy.destinations import DestinationPolicy, IPAddress, SockAddr
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
+# A DNS name: dot-separated labels of letters, digits, '-' and '_' (1–63 each).
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?:\.(?!-)[A-Za-z0-9_-]{1,63})*\.?")
 _DNS_TTL = 10.0
 _DNS_CACHE_MAX = 4096
 
@@ -43,6 +46,8 @@ class Dialer:
         else:
             sockaddr: SockAddr = (host, port) if ip.version == 4 else (host, port, 0, 0)
             return [(ip, sockaddr)]
+        if not _HOSTNAME.fullmatch(host) or len(host) > 253:
+            raise BadRequest(f"malformed host name {host[:100]!r}")
         now = time.monotonic()
         cached = self._dns.get(host)
         if cached is not None and cached[0] > now:
@@ -50,8 +55,8 @@ class Dialer:
         getaddrinfo = self._getaddrinfo or asyncio.get_running_loop().getaddrinfo
         try:
             infos = await getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-        except (socket.gaierror, UnicodeError) as exc:
-            raise BadGateway(f"cannot resolve {host}: {exc}") from None
+        except socket.gaierror as exc:
+            raise BadGateway(f"cannot resolve {host}: {exc.strerror or exc}") from None
         result: list[tuple[IPAddress, SockAddr]] = []
         seen = set()
         for _family, _type, _proto, _canon, sockaddr in infos:

@@ -43,6 +43,13 @@ class ResponseHead:
     connection_named: set[bytes] | None  # names a Connection header listed: not forwarded either
 
 
+def _fail_future(fut: asyncio.Future[ResponseHead], exc: Exception) -> None:
+    """Fail `fut`. A waiter still gets `exc`; a future nobody awaits any more
+    (its client left first) is not reported as "never retrieved" when collected."""
+    fut.set_exception(exc)
+    fut.exception()
+
+
 class UpstreamClosed(ConnectionResetError):
     """The origin closed or reset the connection before a response head."""
 
@@ -133,7 +140,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reusable = False
         head = self._head
         if head is not None and not head.done():
-            head.set_exception(UpstreamClosed("upstream closed the connection before responding"))
+            _fail_future(head, UpstreamClosed("upstream closed the connection before responding"))
             return
         body = self.body
         if body is not None and not self.complete:
@@ -147,7 +154,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _fail(self, exc: Exception) -> None:
         head = self._head
         if head is not None and not head.done():
-            head.set_exception(exc)
+            _fail_future(head, exc)
         elif self.body is not None and not self.complete:
             self.body.set_exception(exc)
         self.abort()

@@ -1,0 +1,176 @@
+"""Safe by default: what the out-of-the-box gateway refuses to proxy (SSRF spellings, ports)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import threading
+
+import requests
+
+from tests.support.gateway import GatewayProcess
+from tests.support.inference import events, wait_healthy
+from tests.support.origin import Origin
+
+
+def _v6_service() -> tuple[socket.socket, int]:
+    """A TCP service on every IPv6 address (`::`), answering any request with 200."""
+    srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    srv.bind(("::", 0))
+    srv.listen(16)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nsecret")
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+def raw(gw: GatewayProcess, request: bytes) -> bytes:
+    """Send `request` as bytes; the response head and its Content-Length body."""
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        match = re.search(rb"(?im)^content-length: *(\d+)", head)
+        want = int(match.group(1)) if match else 0
+        while len(body) < want:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head + b"\r\n\r\n" + body
+
+
+def test_unspecified_and_embedded_addresses_are_refused_by_default(start_gateway) -> None:
+    srv, port = _v6_service()
+    try:
+        gw = start_gateway(policy=False)
+        for host in ("[::]", "[::0]", "[0:0:0:0:0:0:0:0]", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "0.0.0.0", "0"):
+            answer = raw(gw, b"GET http://%s:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % (host.encode(), port))
+            assert answer.startswith(b"HTTP/1.1 403"), (host, answer[:200])
+            assert b"secret" not in answer
+        for target in (b"[::]:443", b"[::0]:443", b"[::ffff:127.0.0.1]:443"):
+            answer = raw(gw, b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, target))
+            assert answer.startswith(b"HTTP/1.1 403"), (target, answer[:200])
+    finally:
+        srv.close()
+
+
+def test_plain_http_only_to_safe_ports(start_gateway, origin: Origin) -> None:
+    gw = start_gateway("--deny-destinations", "")
+    refused = requests.get("http://127.0.0.1:25/", proxies={"http": gw.proxy}, timeout=10)
+    assert refused.status_code == 403 and "--http-ports" in refused.text
+    assert requests.get(f"{origin.url}/hello", proxies={"http": gw.proxy}, timeout=10).status_code == 200
+    gw_any = start_gateway("--deny-destinations", "", "--http-ports", "*")
+    assert requests.get("http://127.0.0.1:25/", proxies={"http": gw_any.proxy}, timeout=10).status_code == 502
+
+
+def test_a_client_leaving_mid_upload_leaves_no_unobserved_exception(start_gateway) -> None:
+    """The client goes while its body is still on the way upstream: the log gets no plain-text
+    "Future exception was never retrieved" (it used to, for almost every such client)."""
+    accepted = threading.Semaphore(0)
+    closed = threading.Semaphore(0)
+    origin = socket.socket()
+    origin.bind(("127.0.0.1", 0))
+    origin.listen(4)
+
+    def hold() -> None:
+        while True:
+            try:
+                conn, _ = origin.accept()
+            except OSError:
+                return
+            accepted.release()
+            with conn:
+                while conn.recv(65536):
+                    pass  # read, never answer, until the gateway drops the connection
+            closed.release()
+
+    threading.Thread(target=hold, daemon=True).start()
+    gw = start_gateway()
+    head = b"POST http://127.0.0.1:%d/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+    try:
+        for _ in range(3):
+            client = socket.create_connection(("127.0.0.1", gw.port))
+            client.sendall(head % origin.getsockname()[1] + b"x" * 1000)
+            assert accepted.acquire(timeout=10)
+            client.close()
+            assert closed.acquire(timeout=10)
+        gw.stop()
+    finally:
+        origin.close()
+    assert "never retrieved" not in gw.log(), gw.log()[-2000:]
+
+
+def test_rfc9112_request_rules(start_gateway) -> None:
+    gw = start_gateway()
+    cases = [
+        (b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b"400", b"more than one Host"),
+        (b"GET /healthz HTTP/1.1\r\n\r\n", b"400", b"without a Host"),
+        (b"POST /v1/inference HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", b"501", b"gzip"),
+        (
+            b"POST /v1/inference HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"400",
+            b"",
+        ),  # RFC 9112 6.3
+        (b"POST /v1/inference HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", b"400", b"HTTP/1.0"),
+        (b"GET /healthz\r\n\r\n", b"400", b""),
+        (b"GET http://a..b/ HTTP/1.1\r\nHost: a\r\n\r\n", b"400", b"malformed host name"),
+        (b"GET http://" + b"x" * 64 + b".com/ HTTP/1.1\r\nHost: a\r\n\r\n", b"400", b"malformed host name"),
+        (b"CONNECT a..b:443 HTTP/1.1\r\n\r\n", b"400", b"malformed host name"),
+    ]
+    for request, status, reason in cases:
+        answer = raw(gw, request)
+        assert answer.startswith(b"HTTP/1.1 " + status), (request, answer[:300])
+        assert reason in answer or not reason, (request, answer[:300])
+    # HTTP/1.0 without Host, and CONNECT without Host, stay fine.
+    assert raw(gw, b"GET /healthz HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
+    gw.assert_alive()
+
+
+def test_a_stopped_worker_fails_or_retries_streams_within_the_token_timeout(start_gateway, start_worker) -> None:
+    a = start_worker("--latency", "0.05")
+    b = start_worker("--latency", "0.05")
+    try:
+        # A stream already running on a worker that stops: an error event, not a 5-minute wait.
+        only_a = start_gateway("-worker-addrs", a.addr, "--token-timeout", "1s")
+        wait_healthy(only_a)
+        with requests.post(
+            f"{only_a.proxy}/v1/inference", json={"prompt": "w " * 40, "max_tokens": 40}, stream=True, timeout=20
+        ) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith(b"data:"))
+            a.proc.send_signal(signal.SIGSTOP)
+            rest = b"\n".join(lines)
+        assert b"event: error" in rest and b"stalled" in rest
+
+        # Nothing sent yet: the request moves to another worker and succeeds.
+        a.proc.send_signal(signal.SIGCONT)
+        both = start_gateway(
+            "-worker-addrs", f"{a.addr},{b.addr}", "--token-timeout", "1s", "--routing-policy", "round-robin"
+        )
+        wait_healthy(both, 2)
+        a.proc.send_signal(signal.SIGSTOP)
+        answers = [
+            requests.post(f"{both.proxy}/v1/inference", json={"prompt": f"x{i} y", "max_tokens": 5}, timeout=20)
+            for i in range(2)
+        ]  # round-robin: one of the two goes to the stopped worker first
+        assert [r.status_code for r in answers] == [200, 200]
+        assert all([d for e, d in events(r) if e == "message"] and "error" not in r.text for r in answers)
+        both.wait_log("failed before the first token \\(STALLED\\); retrying")
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
