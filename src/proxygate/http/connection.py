@@ -224,8 +224,10 @@ class ClientConnection(asyncio.Protocol):
             self._content_length = int(value)  # llhttp has validated the digits
         elif lname == b"transfer-encoding":
             codings = [c.strip() for c in value.lower().split(b",")]
-            if codings[-1] != b"chunked" or any(c not in (b"chunked", b"identity", b"") for c in codings):
-                # RFC 9112 6.1: chunked must come last; we decode no other coding.
+            if codings[-1] != b"chunked":
+                # RFC 9112 6.3: without a final chunked the body's length is unknowable.
+                raise BadRequest("Transfer-Encoding must end with chunked")
+            if any(c not in (b"chunked", b"identity") for c in codings):
                 raise NotImplementedHttp(f"unsupported Transfer-Encoding: {value.decode('latin-1')[:100]}")
             self._chunked = True
         elif lname == b"expect":
