@@ -174,3 +174,51 @@ def test_a_stopped_worker_fails_or_retries_streams_within_the_token_timeout(star
         both.wait_log("failed before the first token \\(STALLED\\); retrying")
     finally:
         a.proc.send_signal(signal.SIGCONT)
+
+
+def _raw_origin(response: bytes) -> tuple[socket.socket, int]:
+    """An origin that answers every connection's first request with `response` bytes, then holds it open."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(response)
+            held.append(conn)  # never closed by us: the gateway must not wait for it
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+def test_bytes_after_a_complete_response_do_not_stall_the_client(start_gateway) -> None:
+    srv, port = _raw_origin(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra"
+    )
+    try:
+        gw = start_gateway()
+        for _ in range(2):  # the second must not get the first's leftovers from a pooled connection
+            r = requests.get(f"http://127.0.0.1:{port}/", proxies={"http": gw.proxy}, timeout=5)
+            assert r.status_code == 200 and r.text == "ok"
+    finally:
+        srv.close()
+
+
+def test_an_invalid_chunk_from_the_origin_is_not_logged_as_200(start_gateway) -> None:
+    srv, port = _raw_origin(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\nbad\r\n0\r\n\r\n"
+    )
+    try:
+        gw = start_gateway()
+        answer = raw(gw, b"GET http://127.0.0.1:%d/chunky HTTP/1.1\r\nHost: x\r\n\r\n" % port)
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 200")  # cut: nothing, or a head already on its way
+        line = gw.wait_log(r'\{[^\n]*"path":"/chunky"[^\n]*\}')
+        assert '"status":502' in line, line
+    finally:
+        srv.close()

@@ -220,7 +220,11 @@ class Forwarder:
             try:
                 data = await body.read(read_timeout)
             except asyncio.TimeoutError:
+                conn.status = 504  # for the log and metrics: the client got a cut response
                 raise GatewayTimeout("upstream stalled mid-response") from None
+            except UpstreamClosed:
+                conn.status = 502  # an invalid chunk or a close mid-body is not a 200 in the log
+                raise
             if not data:
                 break
         if chunked:

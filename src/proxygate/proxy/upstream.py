@@ -162,6 +162,11 @@ class UpstreamConnection(asyncio.Protocol):
     # ---- parser callbacks ----------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.complete:
+            # Bytes after a complete response, before we asked for another:
+            # the origin is broken or confused. Keep the response we have,
+            # never reuse the connection.
+            raise UpstreamClosed("upstream sent bytes after a complete response")
         self._headers = []
         self._named = None
         self._content_length = None
