@@ -222,3 +222,31 @@ def test_an_invalid_chunk_from_the_origin_is_not_logged_as_200(start_gateway) ->
         assert '"status":502' in line, line
     finally:
         srv.close()
+
+
+def test_a_body_trickling_in_is_cut_off(start_gateway, origin: Origin) -> None:
+    """One byte a second never trips the stall timeout (2s here); a whole-body limit does."""
+    gw = start_gateway("-read-timeout", "2s")
+    for request in (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n",
+        b"POST %s/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" % origin.url.encode(),
+    ):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=15) as s:
+            s.sendall(request + b"{" * 1024)
+            answer = b""
+            for _ in range(12):  # bounded: at most 12 s of trickling
+                try:
+                    s.sendall(b" ")
+                except OSError:
+                    break
+                s.settimeout(1.0)
+                try:
+                    chunk = s.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break
+                answer += chunk
+                if b"\r\n\r\n" in answer:
+                    break
+            assert answer.startswith(b"HTTP/1.1 408"), (request[:40], answer[:200])

@@ -55,7 +55,7 @@ class SeedInferenceApi:
         self.max_prompt_bytes = max_prompt_bytes
 
     async def handle(self, req: Request, conn: ClientConnection) -> None:
-        body = await read_json_body(req)
+        body = await read_json_body(req, within=conn.settings.read_timeout)
         req.abort_on_client_eof = True
         gen = parse_generation(
             body,

@@ -5,11 +5,12 @@ Every error is a 400 that names the field, as the seed API and OpenAI clients ex
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import Any
 
-from ..errors import BadRequest, PayloadTooLarge
+from ..errors import BadRequest, PayloadTooLarge, RequestTimeout
 from ..http.message import Request
 from .service import DEFAULT_MODEL, GenerationRequest, routing_head
 
@@ -17,14 +18,24 @@ MAX_BODY = 1024 * 1024
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-async def read_json_body(req: Request, limit: int = MAX_BODY) -> Any:
+async def read_json_body(req: Request, limit: int = MAX_BODY, within: float = 30.0) -> Any:
+    """The parsed JSON body, read whole within `within` seconds (408 after:
+    a body sent a byte every few seconds must not hold a connection forever)."""
     if req.body is None:
         raise BadRequest("request body must be a JSON object")
     if req.content_length is not None and req.content_length > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
     parts: list[bytes] = []
     size = 0
-    while chunk := await req.body.read():
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within if within else None
+    while True:
+        try:
+            chunk = await req.body.read(None if deadline is None else max(0.001, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"request body not received within {within:g}s") from None
+        if not chunk:
+            break
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body over {limit} bytes")

@@ -163,7 +163,7 @@ class OpenAiApi:
     # ---- generation ----------------------------------------------------------------
 
     async def _generate(self, req: Request, conn: ClientConnection, *, chat: bool) -> None:
-        body = await read_json_body(req)
+        body = await read_json_body(req, within=conn.settings.read_timeout)
         gen, stream = self._parse(body, req, chat)
         admission = await self.tenants.admit(req, gen)
         req.abort_on_client_eof = True

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from ..errors import BadGateway, BadRequest, GatewayTimeout
+from ..errors import BadGateway, BadRequest, GatewayTimeout, RequestTimeout
 from ..http.message import Headers, Request
 from .headers import HOP_BY_HOP, end_to_end, without_named
 from .upstream import ResponseHead, UpstreamClosed, UpstreamConnection, UpstreamPool
@@ -22,6 +22,8 @@ from .upstream import ResponseHead, UpstreamClosed, UpstreamConnection, Upstream
 if TYPE_CHECKING:
     from ..http.connection import ClientConnection
 
+# After the first read timeout, an upload must have averaged at least this.
+MIN_UPLOAD_RATE = 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 VIA = (b"Via", b"1.1 proxygate")
 # Besides the hop-by-hop ones, the headers we write ourselves.
@@ -164,10 +166,19 @@ class Forwarder:
         assert body is not None
         chunked = req.chunked or req.content_length is None
         write_timeout = conn.settings.write_timeout
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         while not response.done():
-            data = await body.read(self.read_timeout)
+            try:
+                data = await body.read(self.read_timeout)
+            except asyncio.TimeoutError:
+                raise RequestTimeout(f"request body stalled for {self.read_timeout:g}s") from None
             if not data:
                 break
+            elapsed = loop.time() - started
+            if self.read_timeout and elapsed > self.read_timeout and body.received < MIN_UPLOAD_RATE * elapsed:
+                # A byte every few seconds never trips the stall timeout; this does.
+                raise RequestTimeout(f"request body arriving slower than {MIN_UPLOAD_RATE} bytes/s")
             upstream.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
             await upstream.flow.drain(write_timeout)
         else:
