@@ -14,11 +14,13 @@ from tests.support.inference import events, wait_healthy
 from tests.support.origin import Origin
 
 
-def _v6_service() -> tuple[socket.socket, int]:
-    """A TCP service on every IPv6 address (`::`), answering any request with 200."""
-    srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    srv.bind(("::", 0))
-    srv.listen(16)
+def _raw_origin(response: bytes, host: str = "127.0.0.1") -> tuple[socket.socket, int]:
+    """An origin on `host` (`::`: every IPv6 address) that answers every connection's
+    first request with `response` bytes, then holds it open."""
+    srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    srv.bind((host, 0))
+    srv.listen(8)
+    held: list[socket.socket] = []
 
     def serve() -> None:
         while True:
@@ -26,9 +28,9 @@ def _v6_service() -> tuple[socket.socket, int]:
                 conn, _ = srv.accept()
             except OSError:
                 return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nsecret")
+            conn.recv(65536)
+            conn.sendall(response)
+            held.append(conn)  # never closed by us: the gateway must not wait for it
 
     threading.Thread(target=serve, daemon=True).start()
     return srv, srv.getsockname()[1]
@@ -56,7 +58,7 @@ def raw(gw: GatewayProcess, request: bytes) -> bytes:
 
 
 def test_unspecified_and_embedded_addresses_are_refused_by_default(start_gateway) -> None:
-    srv, port = _v6_service()
+    srv, port = _raw_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret", host="::")
     try:
         gw = start_gateway(policy=False)
         for host in ("[::]", "[::0]", "[0:0:0:0:0:0:0:0]", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "0.0.0.0", "0"):
@@ -174,27 +176,6 @@ def test_a_stopped_worker_fails_or_retries_streams_within_the_token_timeout(star
         both.wait_log("failed before the first token \\(STALLED\\); retrying")
     finally:
         a.proc.send_signal(signal.SIGCONT)
-
-
-def _raw_origin(response: bytes) -> tuple[socket.socket, int]:
-    """An origin that answers every connection's first request with `response` bytes, then holds it open."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    held: list[socket.socket] = []
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            conn.recv(65536)
-            conn.sendall(response)
-            held.append(conn)  # never closed by us: the gateway must not wait for it
-
-    threading.Thread(target=serve, daemon=True).start()
-    return srv, srv.getsockname()[1]
 
 
 def test_bytes_after_a_complete_response_do_not_stall_the_client(start_gateway) -> None:

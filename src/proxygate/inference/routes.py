@@ -33,8 +33,8 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass
-from typing import Any
 
+from ..config_tables import optional_int
 from ..watched_file import WatchedFile
 
 ANY = ""  # a candidate meaning "any worker" (default-model)
@@ -93,9 +93,6 @@ class RouteTable:
     def names(self) -> list[str]:
         return sorted(self.routes)
 
-    def served_models(self) -> set[str]:
-        return {m for r in self.routes.values() if isinstance(r, Route) for m in r.serve}
-
     def resolve(self, name: str, text: str, max_tokens: int | None) -> RouteChoice | None:
         """The route for `name`, or None when the table does not know it.
 
@@ -111,15 +108,6 @@ class RouteTable:
             assert isinstance(target, Route)  # checked at parse time
             return RouteChoice(name, target.serve, size, _cap(route.max_tokens, target.max_tokens))
         return RouteChoice(name, route.serve, "direct", route.max_tokens)
-
-
-def _int_field(table: dict[str, Any], key: str, where: str, minimum: int) -> int | None:
-    value = table.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise RoutesError(f"{where}.{key} must be an integer ≥ {minimum}")
-    return value
 
 
 _ROUTE_KEYS = {"serve", "max_tokens"}
@@ -156,7 +144,7 @@ def parse_routes(text: str) -> RouteTable:
             serve = table["serve"]
             if not isinstance(serve, list) or not serve or not all(isinstance(m, str) and m for m in serve):
                 raise RoutesError(f"{where}.serve must be a non-empty list of model names")
-            routes[name] = Route(tuple(serve), _int_field(table, "max_tokens", where, 1))
+            routes[name] = Route(tuple(serve), optional_int(table, "max_tokens", where, RoutesError, 1))
         elif "small" in table or "large" in table:
             extra = set(table) - _CHOOSER_KEYS
             if extra:
@@ -176,10 +164,10 @@ def parse_routes(text: str) -> RouteTable:
             routes[name] = Chooser(
                 small=small,
                 large=large,
-                prompt_tokens_over=_int_field(table, "large_if_prompt_tokens_over", where, 0),
-                max_tokens_over=_int_field(table, "large_if_max_tokens_over", where, 0),
+                prompt_tokens_over=optional_int(table, "large_if_prompt_tokens_over", where, RoutesError, 0),
+                max_tokens_over=optional_int(table, "large_if_max_tokens_over", where, RoutesError, 0),
                 patterns=tuple(compiled),
-                max_tokens=_int_field(table, "max_tokens", where, 1),
+                max_tokens=optional_int(table, "max_tokens", where, RoutesError, 1),
             )
         else:
             raise RoutesError(f"{where} needs serve = [...] or small/large")

@@ -68,10 +68,8 @@ class GenerationRequest:
     tenant: str = ""  # the API key's name ("" without keys)
     client: str = ""  # the client's address: the tenant for fair share without keys
     weight: float = 1.0  # the tenant's share of the queue under contention
-    # Set by the service: the route name asked for, why it went where it went,
-    # and the model that served it.
+    # Set by the service: the route name asked for and the model that served it.
     route: str = ""
-    route_reason: str = ""
     served_model: str = ""
     fallbacks: tuple[str, ...] = ()  # the route's candidates after the one chosen
 
@@ -212,7 +210,7 @@ class InferenceService:
         """Pick the model that will serve `req` (its queue key), or refuse.
 
         503 when we cannot serve soon, 404 for a name neither the route table
-        nor any worker knows. Sets `req.route`, `req.route_reason`, and caps
+        nor any worker knows. Sets `req.route` and caps
         `req.max_tokens` at the route's limit.
         """
         if not self.accepting:
@@ -253,7 +251,6 @@ class InferenceService:
         )
 
     def _routed(self, req: GenerationRequest, model: str, reason: str) -> None:
-        req.route_reason = reason
         m = self.metrics
         m.routed.labels(m.route_label(req.route, self.routes.current.routes), m.model_label(model), reason).inc()
 
@@ -308,15 +305,16 @@ class InferenceService:
                 self.schedule()
             source = shared.follow()
         else:
+            text = req.full_text()
             ticket = Ticket(
                 model=model,
                 priority=req.priority,
                 tenant=req.tenant or "client:" + req.client,
-                cost=estimate_tokens(req.full_text()) + req.max_tokens,
+                cost=estimate_tokens(text) + req.max_tokens,
                 weight=req.weight,
             )
             if isinstance(self.placement, PrefixAffinity):
-                ticket.blocks, ticket.block_span = prompt_blocks(req.full_text())
+                ticket.blocks, ticket.block_span = prompt_blocks(text)
             dispatch = self._dispatch(req, ticket, deadline, submitted)
             if self.coalescer is not None and key is not None:
                 shared = self.coalescer.start(key, dispatch, ticket)

@@ -27,6 +27,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from ..config_tables import optional_int
 from ..watched_file import WatchedFile
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -81,16 +82,6 @@ def new_token() -> str:
     return "pg-" + secrets.token_urlsafe(32)
 
 
-def _int(table: dict[str, Any], key: str, where: str, low: int, high: int | None = None) -> int | None:
-    value = table.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"{low}..{high}" if high is not None else f"≥ {low}"
-        raise KeysError(f"{where}.{key} must be an integer {bound}")
-    return value
-
-
 def parse_keys(text: str) -> KeyTable:
     try:
         doc = tomllib.loads(text)
@@ -131,10 +122,10 @@ def parse_keys(text: str) -> KeyTable:
         keys[name] = ApiKey(
             name=name,
             sha256=sha,
-            requests_per_minute=_int(table, "requests_per_minute", where, 1),
-            tokens_per_minute=_int(table, "tokens_per_minute", where, 1),
+            requests_per_minute=optional_int(table, "requests_per_minute", where, KeysError, 1),
+            tokens_per_minute=optional_int(table, "tokens_per_minute", where, KeysError, 1),
             models=frozenset(models) if models is not None else None,
-            max_priority=_int(table, "max_priority", where, 1, 10) or 10,
+            max_priority=optional_int(table, "max_priority", where, KeysError, 1, 10) or 10,
             weight=float(weight),
             proxy=proxy,
         )
