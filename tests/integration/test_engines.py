@@ -47,7 +47,7 @@ def _wait_ready(worker: WorkerProcess, timeout: float = 180) -> None:
 # differs between those at most in the last bits, which flips a greedy choice
 # only at an exact tie; in bfloat16 (3 significant digits) a batch-dependent
 # rounding did change a continuation on another machine. The default
-# bfloat16 path is exercised by test_first_load_converts_once_then_loads_fast.
+# bfloat16 path is exercised by test_first_load_converts_once_then_reuses_conversion.
 HF_ARGS = ["--engine", "hf", "--dtype", "float32", "--threads", "2"]
 
 
@@ -352,7 +352,7 @@ def test_long_prompt_joins_in_chunks_beside_a_running_stream(hf_worker: WorkerPr
     assert results == {"short": alone_short, "long": alone_long}
 
 
-def test_first_load_converts_once_then_loads_fast(tmp_path: Path) -> None:
+def test_first_load_converts_once_then_reuses_conversion(tmp_path: Path) -> None:
     _require_hf()
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     first = WorkerProcess(["--engine", "hf", "--threads", "2"], tmp_path / "w1.log", env=env)
@@ -360,14 +360,17 @@ def test_first_load_converts_once_then_loads_fast(tmp_path: Path) -> None:
     _wait_ready(first)
     first.stop()
     converted = list((tmp_path / "cache" / "proxygate" / "models").iterdir())
-    assert len(converted) == 1 and (converted[0] / "model.safetensors").exists()
+    weights = converted[0] / "model.safetensors"
+    assert len(converted) == 1 and weights.exists()
+    written = weights.stat().st_mtime_ns
     second = WorkerProcess(["--engine", "hf", "--threads", "2"], tmp_path / "w2.log", env=env)
-    start = time.monotonic()
     _wait_ready(second)
-    elapsed = time.monotonic() - start
     # The default path: bfloat16 weights, float32 activations.
     answer = text_of(generate(second, "What is the capital of France?", max_tokens=12))
     second.stop()
     assert "Paris" in answer, answer
+    # The second start loads the cached conversion instead of redoing it; how
+    # long that takes is a benchmark's business, not a test's.
     assert "converting" not in (tmp_path / "w2.log").read_text()
-    assert elapsed < 15, elapsed
+    assert weights.stat().st_mtime_ns == written
+    assert list((tmp_path / "cache" / "proxygate" / "models").iterdir()) == converted
