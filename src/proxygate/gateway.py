@@ -8,6 +8,7 @@ records one access-log line and the metrics when a request is done.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Coroutine
@@ -40,6 +41,7 @@ from .proxy.connect import open_tunnel, parse_authority
 from .proxy.dial import Dialer
 from .proxy.forward import Forwarder, Target, block_page
 from .proxy.upstream import UpstreamPool
+from .status import StatusBoard, page
 from .watched_file import WatchedFile
 
 log = logging.getLogger("proxygate.gateway")
@@ -96,6 +98,12 @@ class Gateway:
                 self.api.add(path.decode(), ("GET",) if path == b"/v1/models" else ("POST",), self.relay.handle)
         else:
             self.inference = self._inference_plane(settings)
+        # The status page is served here; its data comes from the inference
+        # plane's owner, which alone sees the workers and the queue.
+        self.status = StatusBoard(settings, self.metrics, self.inference)
+        self._status_html = page()
+        self.api.add("/status", ("GET",), self._status_page)
+        self.api.add("/status.json", ("GET",), self.relay.handle if self.relay is not None else self._status_json)
         self._all_closed: asyncio.Event | None = None
 
     def _inference_plane(self, settings: GatewaySettings) -> InferenceService:
@@ -236,6 +244,7 @@ class Gateway:
         except HttpError as exc:
             if conn.response_started:
                 raise
+            req.error = exc.reason
             conn.send(
                 exc.status, [(b"Content-Type", b"application/json"), *exc.headers], error_body(exc.status, exc.reason)
             )
@@ -301,12 +310,23 @@ class Gateway:
             self.log_request(req, conn)
 
     def log_request(self, req: Request, conn: ClientConnection) -> None:
-        """The request's access-log line."""
+        """The request's access-log line (and its recent-errors entry if it failed)."""
         host, path = _log_host_path(req)
         body = req.body
+        status = conn.status or 499
+        if status >= 500 or (req.error and status < 400):
+            self.metrics.recent_errors.add(
+                status=status,
+                method=req.method,
+                host=host,
+                path=path,
+                client_ip=req.peer_ip,
+                request_id=req.request_id,
+                error=req.error or f"status {status}",
+            )
         self.access_log.write(
             request_id=req.request_id,
-            status=conn.status or 499,
+            status=status,
             method=req.method,
             host=host,
             path=path,
@@ -321,6 +341,15 @@ class Gateway:
 
     async def _metrics(self, req: Request, conn: ClientConnection) -> None:
         conn.send(200, [(b"Content-Type", self.metrics.content_type.encode())], self.metrics.render())
+
+    async def _status_page(self, req: Request, conn: ClientConnection) -> None:
+        conn.send(
+            200, [(b"Content-Type", b"text/html; charset=utf-8"), (b"Cache-Control", b"no-store")], self._status_html
+        )
+
+    async def _status_json(self, req: Request, conn: ClientConnection) -> None:
+        body = json.dumps(self.status.snapshot(), separators=(",", ":")).encode()
+        conn.send(200, [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store")], body)
 
     async def _healthz(self, req: Request, conn: ClientConnection) -> None:
         conn.send(200, [(b"Content-Type", b"application/json")], b'{"status":"ok"}\n')
@@ -368,7 +397,7 @@ class Gateway:
         return len(left)
 
 
-_HEALTH_PATHS = frozenset({b"/metrics", b"/healthz", b"/readyz"})
+_HEALTH_PATHS = frozenset({b"/metrics", b"/healthz", b"/readyz", b"/status", b"/status.json"})
 
 
 def _log_host_path(req: Request) -> tuple[str, str]:

@@ -506,6 +506,8 @@ class ClientConnection(asyncio.Protocol):
         headers: Headers = [(b"Content-Type", b"text/plain; charset=utf-8")]
         if isinstance(error, HttpError):
             headers += error.headers
+        if self.current is not None:
+            self.current.error = reason
         self.send(status, headers, reason.encode("utf-8", "replace") + b"\n", close=close)
 
     # ---- relay mode (CONNECT) ------------------------------------------------

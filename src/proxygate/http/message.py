@@ -90,6 +90,8 @@ class Request:
     tenant: str = ""
     # Another process answered it and writes its access-log line (a relayed /v1/* request).
     logged_elsewhere: bool = False
+    # Why it failed, when it did (an error answer, or a stream that broke off): the status page's recent errors.
+    error: str = ""
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a header, by lower-case name."""

@@ -81,6 +81,7 @@ class SeedInferenceApi:
                     event["token_count"] = resp.token_count
                 await sse.send(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
         except GenerationFailed as exc:
+            req.error = str(exc)
             await sse.error(str(exc))
         finally:
             await stream.aclose()

@@ -91,6 +91,7 @@ class OpenAiApi:
         except HttpError as exc:
             if conn.response_started:
                 raise
+            req.error = exc.reason
             headers = [(b"Content-Type", b"application/json"), *exc.headers]
             conn.send(exc.status, headers, error_body(exc.status, exc.reason))
 
@@ -220,6 +221,7 @@ class OpenAiApi:
         except GenerationFailed as exc:
             if sse is None:
                 raise HttpError(f"generation failed: {exc}") from None
+            req.error = str(exc)
             await sse.send(
                 _dumps({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
             )

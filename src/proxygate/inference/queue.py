@@ -82,6 +82,16 @@ class RequestQueue:
     def waiting(self, model: str) -> int:
         return self._waiting.get(model, 0)
 
+    def depths(self) -> dict[tuple[str, int], int]:
+        """How many wait, by (model, current priority). O(n): for the status page, not the hot path."""
+        out: dict[tuple[str, int], int] = {}
+        for model, heap in self._heaps.items():
+            for entry in heap:
+                if not _stale(entry):
+                    key = (model, entry[4].priority)
+                    out[key] = out.get(key, 0) + 1
+        return out
+
     def full_for(self, model: str) -> bool:
         return self._waiting.get(model, 0) >= self.max_size
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from .metrics_exchange import MetricsExchange
+from .metrics_exchange import ErrorEntry, Family, MetricsExchange, snapshot
+from .recent_errors import RecentErrors
 from .request_stats import RequestStats, method_label
 
 __all__ = ["ENDPOINT_CLASSES", "GatewayMetrics", "method_label"]
@@ -51,6 +52,7 @@ class GatewayMetrics:
             "rate_limiter_errors_total", "Rate-limit checks that failed (store unreachable or slow)", registry=r
         )
         self.observe_request = self.request_stats.observe
+        self.recent_errors = RecentErrors()
 
     def render(self) -> bytes:
         if self.exchange is None:
@@ -59,7 +61,18 @@ class GatewayMetrics:
         merged.register(self.exchange.merged(self.registry))
         return generate_latest(merged)
 
+    def families(self) -> list[Family]:
+        """Every metric as plain data, all processes merged (the status page reads these)."""
+        if self.exchange is None:
+            return snapshot(self.registry)
+        return self.exchange.merged_families(self.registry)
+
+    def all_recent_errors(self) -> list[ErrorEntry]:
+        """This process's recent errors and, with several processes, the others' (up to a second old)."""
+        own = self.recent_errors.entries()
+        return own if self.exchange is None else own + self.exchange.peer_errors()
+
     def publish(self) -> None:
-        """Hand this process's metrics to the others' scrapes (several processes only)."""
+        """Hand this process's metrics and recent errors to the others (several processes only)."""
         if self.exchange is not None:
-            self.exchange.publish(self.registry)
+            self.exchange.publish(self.registry, self.recent_errors.entries())

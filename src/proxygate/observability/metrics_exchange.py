@@ -6,14 +6,15 @@ second. The process that answers a scrape merges its live metrics with the
 others' snapshots: counters, histograms and gauges of process-local things
 (open connections, queue depth) are summed; gauges that observe the same
 external thing from every process (a model worker's health) take the
-largest value; `_created` takes the earliest.
+largest value; `_created` takes the earliest. The snapshot also carries the
+process's recent errors, for the status page.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 Family = dict[str, Any]  # {"name", "doc", "type", "samples": [[name, labels, value], ...]}
+ErrorEntry = dict[str, Any]  # one recent error, as the status page shows it
 
 
 def snapshot(collector: Collector) -> list[Family]:
@@ -42,14 +44,14 @@ class MetricsExchange:
         self.observed_prefixes = observed_prefixes
         self._path = self.directory / f"process-{index}.json"
 
-    def publish(self, collector: Collector) -> None:
+    def publish(self, collector: Collector, errors: Sequence[ErrorEntry] = ()) -> None:
         """Write this process's snapshot (atomically: readers never see half a file)."""
         tmp = self._path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(snapshot(collector)))
+        tmp.write_text(json.dumps({"families": snapshot(collector), "errors": list(errors)}))
         os.replace(tmp, self._path)
 
-    def peers(self) -> list[list[Family]]:
-        """The other processes' latest snapshots."""
+    def peers(self) -> list[dict[str, Any]]:
+        """The other processes' latest snapshots: {"families": [...], "errors": [...]}."""
         out = []
         for path in sorted(self.directory.glob("process-*.json")):
             if path == self._path:
@@ -60,9 +62,17 @@ class MetricsExchange:
                 continue  # a process that has just gone: its file is being replaced or removed
         return out
 
+    def merged_families(self, collector: Collector) -> list[Family]:
+        """This process's live metrics merged with the peers' snapshots."""
+        return merge([snapshot(collector), *(p["families"] for p in self.peers())], self.observed_prefixes)
+
     def merged(self, collector: Collector) -> Collector:
-        """A collector of this process's live metrics merged with the peers' snapshots."""
-        return _Merged(merge([snapshot(collector), *self.peers()], self.observed_prefixes))
+        """A collector of `merged_families`, for exposition."""
+        return _Merged(self.merged_families(collector))
+
+    def peer_errors(self) -> list[ErrorEntry]:
+        """The other processes' recent errors."""
+        return [e for p in self.peers() for e in p.get("errors", ())]
 
 
 def merge(snapshots: Iterable[list[Family]], observed_prefixes: tuple[str, ...] = ()) -> list[Family]:
