@@ -18,11 +18,12 @@ commands:
 
 def gateway_main(argv: Sequence[str]) -> int:
     from .config import settings_from_args
-    from .observability.logging import setup_logging
+    from .observability.logging import capture_stray_output, setup_logging
     from .server import serve
 
     settings = settings_from_args(argv)
     setup_logging(settings.log_format, settings.debug)
+    capture_stray_output(settings.log_format)
     if settings.workers > 1:
         from .prefork import run_supervised
 
@@ -32,12 +33,13 @@ def gateway_main(argv: Sequence[str]) -> int:
 
 def worker_main(argv: Sequence[str]) -> int:
     from .config import worker_settings_from_args
-    from .observability.logging import setup_logging
+    from .observability.logging import capture_stray_output, setup_logging
     from .worker.engines import build_engine
     from .worker.server import serve_worker
 
     settings = worker_settings_from_args(argv)
     setup_logging(settings.log_format, settings.debug)
+    capture_stray_output(settings.log_format)
     return run(lambda: serve_worker(build_engine(settings), settings.host, settings.port))
 
 

@@ -374,3 +374,8 @@ def test_first_load_converts_once_then_reuses_conversion(tmp_path: Path) -> None
     assert "converting" not in (tmp_path / "w2.log").read_text()
     assert weights.stat().st_mtime_ns == written
     assert list((tmp_path / "cache" / "proxygate" / "models").iterdir()) == converted
+    # -log-format json (the default): the conversion's progress bars and
+    # transformers' own messages arrive as JSON lines, or not at all.
+    for log_file in ("w1.log", "w2.log"):
+        for line in (tmp_path / log_file).read_text().splitlines():
+            assert isinstance(json.loads(line), dict), line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -231,3 +232,53 @@ def test_a_body_trickling_in_is_cut_off(start_gateway, origin: Origin) -> None:
                 if b"\r\n\r\n" in answer:
                     break
             assert answer.startswith(b"HTTP/1.1 408"), (request[:40], answer[:200])
+
+
+def _non_json_lines(text: str) -> list[str]:
+    bad = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            bad.append(line)
+            continue
+        if not (isinstance(entry, dict) and {"time", "level", "msg"} <= entry.keys()):
+            bad.append(line)
+    return bad
+
+
+def test_json_logs_stay_json_lines_under_abuse(start_gateway, start_worker) -> None:
+    """Garbage, clients leaving mid-stream and mid-upload, a worker killed under load, a
+    refused origin, shutdown: with -log-format json (the default) every line the gateway
+    and the worker print is a JSON object."""
+    w = start_worker("--latency", "0.05", "--max-concurrency", "4")
+    gw = start_gateway("--workers", "2", "-worker-addrs", w.addr, "--token-timeout", "1s", "--http-ports", "*")
+    wait_healthy(gw)
+    for garbage in (
+        b"\x00\xff\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b'POST /v1/inference HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{"a":',
+    ):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+            s.sendall(garbage)
+            s.shutdown(socket.SHUT_WR)
+            s.recv(4096)
+    for _ in range(3):  # a client leaving after its first token
+        with requests.post(
+            f"{gw.proxy}/v1/inference", json={"prompt": "w " * 30, "max_tokens": 30}, stream=True, timeout=20
+        ) as r:
+            next(line for line in r.iter_lines() if line.startswith(b"data:"))
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:  # gone mid-upload to an origin
+        s.sendall(b"POST http://127.0.0.1:9/x HTTP/1.1\r\nHost: x\r\nContent-Length: 9999\r\n\r\nab")
+    assert raw(gw, b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 502")
+    streams = [
+        requests.post(f"{gw.proxy}/v1/inference", json={"prompt": "k " * 40, "max_tokens": 40}, stream=True, timeout=20)
+        for _ in range(2)
+    ]
+    w.kill()  # mid-stream: error events, a worker ejected
+    for r in streams:
+        with r:
+            assert b"event: error" in b"\n".join(r.iter_lines())
+    gw.stop()
+    assert not _non_json_lines(gw.log()), _non_json_lines(gw.log())[:10]
+    assert not _non_json_lines(w.log_path.read_text()), _non_json_lines(w.log_path.read_text())[:10]

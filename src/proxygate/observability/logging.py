@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import sys
+import threading
 import time
 from typing import IO, Any
 
@@ -32,15 +33,56 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(log_format: str, debug: bool, stream: IO[str] | None = None) -> None:
+    """One handler, on the root logger: our loggers at INFO (DEBUG with `debug`),
+    libraries' (asyncio, grpc, transformers once it propagates) at WARNING, all
+    in the chosen format."""
     handler = logging.StreamHandler(stream or sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("proxygate")
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    root.propagate = False
+    root.setLevel(logging.WARNING)
+    ours = logging.getLogger("proxygate")
+    ours.handlers.clear()
+    ours.setLevel(logging.DEBUG if debug else logging.INFO)
+    ours.propagate = True
+
+
+def capture_stray_output(log_format: str) -> None:
+    """Route what Python would print by itself through logging, for a whole process.
+
+    Uncaught exceptions (main thread or others), exceptions nobody could raise
+    (in __del__, in callbacks), and warnings all become log records; in json
+    mode progress bars (tqdm, used by transformers' model loading) are off.
+    So with `-log-format json` stderr carries nothing but JSON lines. Called
+    once by the command line, never by library code or tests.
+    """
+    log = logging.getLogger("proxygate")
+    logging.captureWarnings(True)
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        log.critical("uncaught exception", exc_info=(kind, value, tb))
+
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        log.error("uncaught exception in thread %s", name, exc_info=args.exc_value or True)
+
+    def unraisablehook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        where = unraisable.err_msg or "exception ignored"
+        info = (type(exc), exc, unraisable.exc_traceback) if exc is not None else None
+        log.error("%s: %r", where, unraisable.object, exc_info=info)
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
+    sys.unraisablehook = unraisablehook
+    if log_format == "json":
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
 def _json_str(text: str) -> str:

@@ -52,10 +52,21 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _log_through_ours() -> None:
+    """transformers prints through a handler of its own: send its records to ours
+    (the -log-format the operator chose) instead."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _log_through_ours()
 
     log.info("converting %s to safetensors (first start only; this takes a while)", gguf.name)
     started = time.monotonic()
@@ -95,6 +106,7 @@ def load(model_path: str, device: str, dtype_name: str, threads: int) -> tuple[A
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _log_through_ours()
     if threads:
         torch.set_num_threads(threads)
     if device == "cuda" and not torch.cuda.is_available():
