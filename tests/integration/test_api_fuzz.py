@@ -93,9 +93,12 @@ def test_any_json_body_gets_a_4xx_or_an_answer(gateway_with_worker: GatewayProce
     session = requests.Session()
 
     @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(body=bodies(*ENDPOINTS[path]))
-    def check(body: dict) -> None:
-        data = json.dumps(body)  # ensure_ascii: a lone surrogate travels as \\udXXX
+    @given(body=bodies(*ENDPOINTS[path]), escaped=st.booleans())
+    def check(body: dict, escaped: bool) -> None:
+        # A lone surrogate travels as \\udXXX (ensure_ascii), or as the three
+        # UTF-8-style bytes a careless encoder writes (ED A0 80): both are refused.
+        text = json.dumps(body, ensure_ascii=escaped)
+        data = text.encode("utf-8", "surrogatepass")
         r = session.post(f"{gw.proxy}{path}", data=data, headers={"Content-Type": "application/json"}, timeout=30)
         assert r.status_code < 500, (r.status_code, r.text[:300], body)
 

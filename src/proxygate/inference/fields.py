@@ -42,7 +42,9 @@ async def read_json_body(req: Request, limit: int = MAX_BODY, within: float = 30
         parts.append(chunk)
     data = b"".join(parts)
     try:
-        body = json.loads(data)
+        # Decoded here, strictly: json.loads(bytes) would let UTF-8-encoded
+        # surrogates (ED A0 80) through as lone surrogates ("surrogatepass").
+        body = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BadRequest(f"invalid JSON: {str(exc)[:200]}") from None
     if b"\\u" in data:
