@@ -31,6 +31,23 @@ def test_pipelined_requests_answered_in_order(gateway: GatewayProcess, origin: O
     assert headers["x-request-id"] == "req-local" and status == 200
 
 
+def test_pipelined_requests_then_half_close_are_all_answered(gateway: GatewayProcess, origin: Origin) -> None:
+    """`printf 'GET ..GET ..' | nc`: the client sends its requests and its FIN at once; every
+    request received before the FIN is answered, the last with Connection: close, then EOF."""
+    sock = gateway.connect()
+    sock.sendall(
+        f"GET {origin.url}/hello HTTP/1.1\r\nHost: x\r\nX-Request-ID: first\r\n\r\n".encode()
+        + b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-ID: second\r\n\r\n"
+    )
+    sock.shutdown(socket.SHUT_WR)
+    reader = RawResponses(sock)
+    status, headers, _ = _read_any(reader)
+    assert status == 200 and headers["x-request-id"] == "first" and "connection" not in headers
+    status, headers, _ = _read_any(reader)
+    assert status == 200 and headers["x-request-id"] == "second" and headers["connection"] == "close"
+    assert reader.closed()
+
+
 def _read_any(reader: RawResponses) -> tuple[int, dict[str, str], bytes]:
     """A response with Content-Length or chunked framing."""
     while b"\r\n\r\n" not in reader.buf:

@@ -130,7 +130,10 @@ class OriginHandler(BaseHTTPRequestHandler):
         total = 0
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                line = self.rfile.readline()
+                if not line:
+                    raise ConnectionResetError("the body ended early")  # the sender gave up: not our error
+                size = int(line.split(b";")[0].strip(), 16)
                 if size == 0:
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
@@ -138,6 +141,8 @@ class OriginHandler(BaseHTTPRequestHandler):
                 left = size
                 while left:
                     piece = self.rfile.read(min(left, 1 << 16))
+                    if not piece:
+                        raise ConnectionResetError("the body ended early")
                     digest.update(piece)
                     left -= len(piece)
                     total += len(piece)
@@ -161,6 +166,8 @@ class OriginHandler(BaseHTTPRequestHandler):
 
 
 class _QuietServer(ThreadingHTTPServer):
+    request_queue_size = 128  # socketserver's default backlog of 5 refuses connections under load
+
     def handle_error(self, request: object, client_address: object) -> None:
         # Clients (and the gateway) hang up mid-response on purpose in tests.
         import sys

@@ -104,6 +104,7 @@ class ClientConnection(asyncio.Protocol):
         self.status = 0
         self.bytes_out = 0
         self.close_after = False
+        self.client_eof = False  # the client half-closed: answer what it sent, then close
         self._continue_sent = False
 
     # ---- transport callbacks -------------------------------------------------
@@ -157,8 +158,10 @@ class ClientConnection(asyncio.Protocol):
         if self.current is not None and self.current.abort_on_client_eof:
             return None  # closes the transport: the handler is cancelled as for a lost client
         if self.current is not None or self.pending:
-            # The client may half-close after a request and still read the answer.
-            self.close_after = True
+            # The client may half-close after its requests and still read the
+            # answers: every request received before the FIN is answered.
+            self.client_eof = True
+            self._wake_server()
             return True
         return None
 
@@ -382,7 +385,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             while not self.closed:
                 if not self.pending:
-                    if self.draining:
+                    if self.draining or self.client_eof:
                         self.close()
                         return
                     if not self._in_head:
@@ -476,7 +479,7 @@ class ClientConnection(asyncio.Protocol):
         if req is None:
             tail = b"X-Request-ID: %s\r\nConnection: close\r\n" % new_request_id().encode("ascii")
             return render_head(b"1.1", status, headers, tail)
-        if self.close_after or not req.keep_alive or self.draining:
+        if self.close_after or not req.keep_alive or self.draining or (self.client_eof and not self.pending):
             connection = b"Connection: close\r\n"
         elif req.version == b"1.0":
             connection = b"Connection: keep-alive\r\n"
