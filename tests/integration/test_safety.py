@@ -62,7 +62,8 @@ def test_unspecified_and_embedded_addresses_are_refused_by_default(start_gateway
     srv, port = _raw_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret", host="::")
     try:
         gw = start_gateway(policy=False)
-        for host in ("[::]", "[::0]", "[0:0:0:0:0:0:0:0]", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "0.0.0.0", "0"):
+        spellings = ("[::]", "[::0]", "[0:0:0:0:0:0:0:0]", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "0.0.0.0", "0")
+        for host in (*spellings, "127.0.0.1.", "localhost."):  # a trailing dot: refused, not a 502
             answer = raw(gw, b"GET http://%s:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % (host.encode(), port))
             assert answer.startswith(b"HTTP/1.1 403"), (host, answer[:200])
             assert b"secret" not in answer

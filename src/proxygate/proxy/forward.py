@@ -63,9 +63,12 @@ class Target:
         if not url.host:
             raise BadRequest("request target has no host")
         try:
-            self.host = url.host.decode("ascii").lower()
+            # A trailing dot names the same host (as in CONNECT): policy and dial see one spelling.
+            self.host = url.host.decode("ascii").lower().rstrip(".")
         except UnicodeDecodeError:
             raise BadRequest("request target host is not ASCII") from None
+        if not self.host:
+            raise BadRequest("request target has no host")
         self.port: int = url.port or 80
         path = url.path or b"/"
         self.path = path + b"?" + url.query if url.query is not None else path
