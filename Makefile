@@ -1,4 +1,4 @@
-.PHONY: test unit run bench lint typecheck proto
+.PHONY: test unit run bench stress lint typecheck proto
 PY := .venv/bin/python
 
 test:           ## install into .venv and run the whole suite
@@ -17,6 +17,9 @@ bench:          ## proxy, limiter, inference, engine, routing and tenant benchma
 	$(PY) bench/engine_bench.py
 	$(PY) bench/routing_bench.py
 	$(PY) bench/tenant_bench.py
+
+stress:         ## the stress harness's long run (results: bench/RESULTS.md, "Stress")
+	$(PY) -m bench.stress.run
 
 lint:
 	$(PY) -m ruff check src tests bench
