@@ -236,7 +236,7 @@ GATEWAY_FLAGS: tuple[Flag, ...] = (
         parse_choice("open", "closed"),
         "when the Redis limiter fails: open (admit) or closed (503)",
     ),
-    Flag("rate-limit-health", "false", parse_bool, "also rate-limit /metrics, /healthz, /readyz", boolean=True),
+    Flag("rate-limit-health", "false", parse_bool, "also rate-limit /metrics, /healthz, /readyz, /status, /status.json", boolean=True),
     Flag("rate-limit-max-clients", "100000", parse_positive_int, "clients tracked by the memory limiter"),
     Flag("rate-limit-ipv6-prefix", "128", parse_ipv6_prefix, "key IPv6 clients by this prefix length (64: per /64)"),
     Flag("worker-addrs", "", parse_addr_list, "comma-separated inference worker addresses"),

@@ -1,6 +1,6 @@
 """Every metric the gateway exports, on one registry created per gateway.
 
-Names, labels and buckets of the seed are kept (DESIGN.md "Metrics"); label
+Names, labels and buckets of the seed are kept (docs/contract.md, "Metrics"); label
 values come from bounded sets only. The per-request families live in
 `RequestStats` (plain counters exported at scrape time); the rest are
 prometheus_client objects updated off the hot path.
