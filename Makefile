@@ -1,4 +1,4 @@
-.PHONY: test unit run bench stress lint typecheck proto
+.PHONY: test unit run bench stress check lint typecheck proto
 PY := .venv/bin/python
 
 test:           ## install into .venv and run the whole suite
@@ -21,8 +21,13 @@ bench:          ## proxy, limiter, inference, engine, routing and tenant benchma
 stress:         ## the stress harness's long run (results: bench/RESULTS.md, "Stress")
 	$(PY) -m bench.stress.run
 
+check:          ## what every commit must pass: format, lint, types
+	$(PY) -m ruff format --check src tests bench scripts
+	$(PY) -m ruff check src tests bench scripts
+	$(PY) -m mypy
+
 lint:
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench scripts
 
 typecheck:
 	$(PY) -m mypy

@@ -21,3 +21,8 @@ def test_ruff() -> None:
 def test_mypy_strict() -> None:
     out = run("mypy")
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_ruff_format() -> None:
+    out = run("ruff", "format", "--check", "src", "tests", "bench", "scripts")
+    assert out.returncode == 0, out.stdout + out.stderr
