@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -21,6 +22,7 @@ from .http.connection import ClientConnection
 from .http.message import Request
 from .http.write_batch import WriteBatch
 from .inference.api import SeedInferenceApi
+from .inference.handoff import HandoffSender, handoff_path
 from .inference.metrics import InferenceMetrics
 from .inference.openai_api import OpenAiApi, error_body
 from .inference.placement import build_placement
@@ -90,7 +92,11 @@ class Gateway:
         self.inference: InferenceService | None = None
         self.budgets: Budgets | None = None
         self.relay: InferenceRelay | None = None
+        self.handoff: HandoffSender | None = None
         if inference_relay:
+            # Connections with inference requests move to the owner when they can;
+            # the rest are relayed.
+            self.handoff = HandoffSender(handoff_path(inference_relay))
             # Another process owns the inference plane: relay /v1/* to it.
             timeout = settings.queue_timeout + settings.inference_timeout if settings.inference_timeout else 0
             self.relay = InferenceRelay(inference_relay, self.writes, timeout)
@@ -197,7 +203,10 @@ class Gateway:
             await self._connect(req, host, port, conn)
             return
         if req.target[:1] == b"/":
-            await self._api(req, origin_path(req.target), conn)
+            path = origin_path(req.target)
+            if self.handoff is not None and _inference_plane_path(path) and await self._hand_off(req, conn):
+                return
+            await self._api(req, path, conn)
             return
         if not req.is_absolute_form:
             if req.target == b"*" and req.method == "OPTIONS":
@@ -275,6 +284,26 @@ class Gateway:
         if decision is not None:
             req.extra_head = decision.head_lines()
 
+    async def _hand_off(self, req: Request, conn: ClientConnection) -> bool:
+        """Move the connection to the inference plane's owner; False if it must stay here."""
+        assert self.handoff is not None and conn.transport is not None
+        preface = conn.handover_bytes(req)
+        if preface is None:
+            self.metrics.handoffs.labels("relayed").inc()
+            return False
+        # A duplicate: ours stays valid whatever happens to the connection while we wait.
+        fd = os.dup(conn.transport.get_extra_info("socket").fileno())
+        try:
+            moved = await self.handoff.send(fd, preface)
+        finally:
+            os.close(fd)
+        if moved:
+            conn.handed_over()
+        else:
+            conn.handover_failed()
+        self.metrics.handoffs.labels("moved" if moved else "relayed").inc()
+        return moved
+
     async def _connect(self, req: Request, host: str, port: int, conn: ClientConnection) -> None:
         conn.close_after = True
         if self.blocklist.current.is_blocked(host):
@@ -303,6 +332,8 @@ class Gateway:
         req.content_length = tunnel.bytes_up
 
     def request_done(self, req: Request, conn: ClientConnection) -> None:
+        if conn.moved:
+            return  # counted and logged by the process that took the connection
         elapsed = time.perf_counter() - req.started
         status = conn.status or 499  # 499: the client went away before an answer
         self.metrics.observe_request(req.method, status, elapsed, conn.bytes_out)
@@ -387,6 +418,8 @@ class Gateway:
         self.pool.close_all()
         if self.relay is not None:
             self.relay.close()
+        if self.handoff is not None:
+            self.handoff.close()
         if self.inference is not None:
             await self.inference.aclose()
         if self.budgets is not None:
@@ -395,6 +428,11 @@ class Gateway:
             await self.limiter.aclose()
         self.access_log.flush()
         return len(left)
+
+
+def _inference_plane_path(path: bytes) -> bool:
+    """Endpoints only the inference plane's owner can answer."""
+    return path.startswith(b"/v1/") or path == b"/status.json"
 
 
 _HEALTH_PATHS = frozenset({b"/metrics", b"/healthz", b"/readyz", b"/status", b"/status.json"})

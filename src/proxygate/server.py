@@ -16,10 +16,12 @@ import socket
 import ssl
 import sys
 from collections.abc import Callable
+from functools import partial
 
 from .config import GatewaySettings
 from .gateway import Gateway
 from .http.connection import ClientConnection
+from .inference.handoff import HandoffReceiver, handoff_path
 from .inference.routes import RoutesError
 from .listeners import BACKLOG, listening_url, open_listeners
 from .policy.blocklist import BlocklistError
@@ -55,6 +57,11 @@ async def _housekeeping(gateway: Gateway) -> None:
             gateway.metrics.publish()
             if isinstance(gateway.limiter, MemoryLimiter) and tick % (ticks_per_watch * 30) == 0:
                 gateway.limiter.sweep()
+
+
+async def _adopt(gateway: Gateway, sock: socket.socket, preface: bytes) -> None:
+    """Serve a client connection a sibling process handed over, starting with the bytes it read."""
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: ClientConnection(gateway, preface), sock)
 
 
 async def serve(
@@ -106,6 +113,7 @@ async def serve(
             log.error("cannot load TLS certificate/key: %s", exc)
             return 1
     host, port = settings.listen
+    handoffs: HandoffReceiver | None = None
     try:
         socks = listeners if listeners is not None else open_listeners(host, port)
         servers = [
@@ -117,6 +125,8 @@ async def serve(
                 os.unlink(inference_socket)  # left by a predecessor that crashed
             relayed = gateway.relayed_api()
             servers.append(await loop.create_unix_server(lambda: ClientConnection(relayed), path=inference_socket))
+            handoffs = HandoffReceiver(handoff_path(inference_socket), partial(_adopt, gateway))
+            handoffs.start()
             log.info("process %d owns the inference plane; the others relay to %s", os.getpid(), inference_socket)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc)
@@ -147,6 +157,8 @@ async def serve(
         )
         for server in servers:
             server.close()
+        if handoffs is not None:
+            handoffs.close()
         aborted = await gateway.drain_connections(settings.shutdown_timeout)
         if aborted:
             log.warning("shutdown timeout: closed %d connections still in flight", aborted)

@@ -25,9 +25,9 @@ def test_pipelined_requests_answered_in_order(gateway: GatewayProcess, origin: O
     sock.sendall(batch)
     reader = RawResponses(sock)
     for i, path in enumerate(paths):
-        status, headers, body = _read_any(reader)
+        status, headers, body = reader.next()
         assert headers["x-request-id"] == f"req-{i}", path
-    status, headers, body = _read_any(reader)
+    status, headers, body = reader.next()
     assert headers["x-request-id"] == "req-local" and status == 200
 
 
@@ -41,39 +41,11 @@ def test_pipelined_requests_then_half_close_are_all_answered(gateway: GatewayPro
     )
     sock.shutdown(socket.SHUT_WR)
     reader = RawResponses(sock)
-    status, headers, _ = _read_any(reader)
+    status, headers, _ = reader.next()
     assert status == 200 and headers["x-request-id"] == "first" and "connection" not in headers
-    status, headers, _ = _read_any(reader)
+    status, headers, _ = reader.next()
     assert status == 200 and headers["x-request-id"] == "second" and headers["connection"] == "close"
     assert reader.closed()
-
-
-def _read_any(reader: RawResponses) -> tuple[int, dict[str, str], bytes]:
-    """A response with Content-Length or chunked framing."""
-    while b"\r\n\r\n" not in reader.buf:
-        assert reader._fill()
-    head, _, reader.buf = reader.buf.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    status = int(lines[0].split()[1])
-    if headers.get("transfer-encoding") == "chunked":
-        body = b""
-        while True:
-            while b"\r\n" not in reader.buf:
-                assert reader._fill()
-            size_line, _, reader.buf = reader.buf.partition(b"\r\n")
-            size = int(size_line, 16)
-            while len(reader.buf) < size + 2:
-                assert reader._fill()
-            body += reader.buf[:size]
-            reader.buf = reader.buf[size + 2 :]
-            if size == 0:
-                return status, headers, body
-    length = int(headers.get("content-length", "0"))
-    while len(reader.buf) < length:
-        assert reader._fill()
-    body, reader.buf = reader.buf[:length], reader.buf[length:]
-    return status, headers, body
 
 
 def test_keep_alive_and_http10(gateway: GatewayProcess) -> None:

@@ -103,7 +103,7 @@ def _status_field(pid: int, field: str) -> int:
 
 
 class RawResponses:
-    """Reads HTTP/1.1 responses (Content-Length or no body) off a raw socket, in order."""
+    """Reads HTTP/1.1 responses (Content-Length, chunked or no body) off a raw socket, in order."""
 
     def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
         self.sock = sock
@@ -126,12 +126,30 @@ class RawResponses:
         for line in lines[1:]:
             k, _, v = line.partition(":")
             headers[k.strip().lower()] = v.strip()
+        if headers.get("transfer-encoding") == "chunked":
+            return status, headers, self._chunked_body()
         length = int(headers.get("content-length", "0"))
         while len(self.buf) < length:
             if not self._fill():
                 break
         body, self.buf = self.buf[:length], self.buf[length:]
         return status, headers, body
+
+    def _chunked_body(self) -> bytes:
+        body = b""
+        while True:
+            while b"\r\n" not in self.buf:
+                if not self._fill():
+                    raise ConnectionError(f"closed inside a chunked body: {self.buf!r}")
+            size_line, _, self.buf = self.buf.partition(b"\r\n")
+            size = int(size_line, 16)
+            while len(self.buf) < size + 2:
+                if not self._fill():
+                    raise ConnectionError("closed inside a chunk")
+            body += self.buf[:size]
+            self.buf = self.buf[size + 2 :]
+            if size == 0:
+                return body
 
     def closed(self) -> bool:
         """Whether the peer closed (EOF or reset) with nothing more to read."""

@@ -62,8 +62,11 @@ class RelaySink(Protocol):
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, app: Application) -> None:
+    def __init__(self, app: Application, preface: bytes = b"") -> None:
         self.app = app
+        # Bytes another process read from this socket before handing it over
+        # (inference/handoff.py): parsed before anything the socket delivers.
+        self._preface = preface
         self.settings = app.settings
         self.writes = app.writes
         self.loop = asyncio.get_running_loop()
@@ -105,6 +108,7 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_out = 0
         self.close_after = False
         self.client_eof = False  # the client half-closed: answer what it sent, then close
+        self.moved = False  # handed over to another process: nothing more of it is ours
         self._continue_sent = False
 
     # ---- transport callbacks -------------------------------------------------
@@ -115,6 +119,9 @@ class ClientConnection(asyncio.Protocol):
         self.peer_ip = peer[0] if peer else ""
         self.app.connection_opened(self)
         self._arm(self.settings.read_timeout, _READ_TIMER)
+        if self._preface:
+            preface, self._preface = self._preface, b""
+            self.data_received(preface)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
@@ -512,6 +519,54 @@ class ClientConnection(asyncio.Protocol):
         if self.current is not None:
             self.current.error = reason
         self.send(status, headers, reason.encode("utf-8", "replace") + b"\n", close=close)
+
+    # ---- handing the connection to another process ------------------------------
+
+    def handover_bytes(self, req: Request) -> bytes | None:
+        """What another process must parse to carry on from `req` with this socket
+        (its head, rebuilt, and the body bytes received so far), with reading
+        paused; None when the connection cannot move now: more was pipelined,
+        the body is chunked or being read, a response is under way, or it is TLS."""
+        transport = self.transport
+        body = req.body
+        if (
+            transport is None
+            or self.closed
+            or self.pending
+            or self._in_head
+            or self._parse_stopped
+            or self.response_started
+            or self.current is not req
+            or (body is not None and (req.chunked or not body.untouched))
+            or transport.get_extra_info("sslcontext") is not None
+        ):
+            return None
+        self.writes.flush()
+        if transport.get_write_buffer_size():
+            return None
+        self._pause_reading()
+        head = [b"%s %s HTTP/%s\r\n" % (req.method.encode("ascii"), req.target, req.version)]
+        head += [name + b": " + value + b"\r\n" for name, value in req.headers]
+        head.append(b"\r\n")
+        return b"".join(head) + (body.peek() if body is not None else b"")
+
+    def handover_failed(self) -> None:
+        """The other process could not take the socket: go on serving it here."""
+        self._resume_reading()
+
+    def handed_over(self) -> None:
+        """Another process has the socket now: forget it without a word to the client."""
+        self.moved = True
+        if self.closed:
+            return  # the client left meanwhile: connection_lost did the bookkeeping
+        self.closed = True
+        self._cancel_timer()
+        self.flow.close()
+        if self.current is not None and self.current.body is not None:
+            self.current.body.set_exception(ConnectionResetError("connection handed over"))
+        self.app.connection_closed(self)
+        if self.transport is not None:
+            self.transport.close()  # our descriptor only: the other process's keeps the connection open
 
     # ---- relay mode (CONNECT) ------------------------------------------------
 

@@ -107,6 +107,15 @@ class BodyBuffer:
                 self._waiter = None
         return self.read_nowait()
 
+    @property
+    def untouched(self) -> bool:
+        """Nothing was read yet and nothing went wrong: every byte received is still here."""
+        return self._size == self.received and self._exc is None
+
+    def peek(self) -> bytes:
+        """The buffered bytes, left in place."""
+        return b"".join(self._chunks)
+
     def read_nowait(self) -> bytes:
         """Whatever is buffered right now, without waiting (b"" when nothing)."""
         if not self._chunks:

@@ -51,6 +51,13 @@ class GatewayMetrics:
         self.rate_limiter_errors = Counter(
             "rate_limiter_errors_total", "Rate-limit checks that failed (store unreachable or slow)", registry=r
         )
+        self.handoffs = Counter(
+            "inference_handoffs_total",
+            "Client connections with an inference request that a serving process passed to the inference "
+            "plane's owner (moved) or, when it could not, relayed (--workers N)",
+            ["result"],
+            registry=r,
+        )
         self.observe_request = self.request_stats.observe
         self.recent_errors = RecentErrors()
 

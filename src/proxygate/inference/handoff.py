@@ -1,0 +1,196 @@
+"""Moving a client connection to the process that owns the inference plane.
+
+With `--workers N` one process owns the inference plane (`relay.py`). A
+sibling that reads an inference request head could relay it, but then every
+token crosses two processes. Instead it hands the client's socket itself to
+the owner (SCM_RIGHTS over a unix socket), together with the bytes it has
+already read (the request head, rebuilt, and whatever of the body arrived),
+and forgets the connection. The owner adopts the socket as if it had
+accepted it and parses those bytes first, so the client talks to the owner
+directly from then on: no hop for the answer, none for the next request on
+the same connection. Policies (access, rate limit) run in the owner, once.
+
+A connection moves only between requests' bytes: nothing pipelined after
+the request, no chunked body (its raw bytes are gone once decoded), no TLS
+(its session state cannot move), nothing left to write. Otherwise, or when
+the owner cannot be reached, the sibling relays as before.
+
+Wire format, per connection: a 4-byte big-endian length, then that many
+bytes; the socket travels as ancillary data with the frame's first byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+from array import array
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger("proxygate.handoff")
+
+HANDOFF_SOCKET = "handoff.sock"
+_LENGTH = struct.Struct("!I")
+_MAX_FRAME = 8 * 1024 * 1024  # a head (64 KiB at most) and at most a 1 MiB JSON body; anything larger is a bug
+
+
+def handoff_path(inference_socket: str) -> str:
+    """The owner's handoff socket, beside its relay socket."""
+    return os.path.join(os.path.dirname(inference_socket), HANDOFF_SOCKET)
+
+
+class HandoffSender:
+    """A sibling's side: one unix stream to the owner, frames sent one at a time."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._sock: socket.socket | None = None
+        self._lock = asyncio.Lock()
+
+    async def send(self, fd: int, preface: bytes) -> bool:
+        """Pass `fd` and the bytes read from it so far; False if the owner could not take it."""
+        frame = _LENGTH.pack(len(preface)) + preface
+        async with self._lock:
+            try:
+                sock = await self._connected()
+                sent = await _sendmsg_with_fd(sock, frame, fd)
+                if sent < len(frame):
+                    await asyncio.get_running_loop().sock_sendall(sock, frame[sent:])
+            except OSError as exc:
+                log.warning("cannot hand a connection to the inference plane's owner: %s", exc)
+                self.close()
+                return False
+        return True
+
+    async def _connected(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, self.path)
+            except OSError:
+                sock.close()
+                raise
+            self._sock = sock
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+async def _sendmsg_with_fd(sock: socket.socket, frame: bytes, fd: int) -> int:
+    """sendmsg the frame's start with the fd attached, waiting while the socket is full."""
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [fd]))]
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return sock.sendmsg([frame], ancillary)
+        except BlockingIOError:
+            writable = loop.create_future()
+            loop.add_writer(sock.fileno(), writable.set_result, None)
+            try:
+                await writable
+            finally:
+                loop.remove_writer(sock.fileno())
+
+
+class HandoffReceiver:
+    """The owner's side: accepts siblings' streams and adopts each socket that arrives."""
+
+    def __init__(self, path: str, adopt: Callable[[socket.socket, bytes], Awaitable[object]]) -> None:
+        self.path = path
+        self.adopt = adopt
+        self._listener: socket.socket | None = None
+        self._streams: dict[int, _Stream] = {}
+        self._adopting: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # left by a predecessor that crashed
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen(64)
+        listener.setblocking(False)
+        self._listener = listener
+        asyncio.get_running_loop().add_reader(listener.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            conn, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(False)
+        stream = _Stream(conn)
+        self._streams[conn.fileno()] = stream
+        asyncio.get_running_loop().add_reader(conn.fileno(), self._readable, stream)
+
+    def _readable(self, stream: _Stream) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(stream.sock, 256 * 1024, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, fds = b"", []
+        stream.fds.extend(fds)
+        if not data:
+            self._drop(stream)
+            return
+        stream.buf += data
+        while len(stream.buf) >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(stream.buf)
+            if size > _MAX_FRAME or not stream.fds:
+                log.error(
+                    "handoff stream out of step (frame of %d bytes, %d sockets); dropping it", size, len(stream.fds)
+                )
+                self._drop(stream)
+                return
+            end = _LENGTH.size + size
+            if len(stream.buf) < end:
+                return
+            preface = bytes(stream.buf[_LENGTH.size : end])
+            del stream.buf[:end]
+            task = asyncio.get_running_loop().create_task(self._adopt(stream.fds.popleft(), preface))
+            self._adopting.add(task)
+            task.add_done_callback(self._adopting.discard)
+
+    async def _adopt(self, fd: int, preface: bytes) -> None:
+        client = socket.socket(fileno=fd)
+        try:
+            await self.adopt(client, preface)
+        except OSError as exc:  # the client left before it could be adopted
+            log.debug("handed-over connection lost: %s", exc)
+            client.close()
+
+    def _drop(self, stream: _Stream) -> None:
+        asyncio.get_running_loop().remove_reader(stream.sock.fileno())
+        self._streams.pop(stream.sock.fileno(), None)
+        for fd in stream.fds:
+            os.close(fd)
+        stream.sock.close()
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for stream in list(self._streams.values()):
+            self._drop(stream)
+        if self._listener is not None:
+            loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+class _Stream:
+    __slots__ = ("sock", "buf", "fds")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.fds: deque[int] = deque()

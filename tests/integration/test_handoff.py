@@ -1,0 +1,101 @@
+"""`--workers 2`: a connection with an inference request moves to the inference plane's owner.
+
+The kernel spreads connections over both processes; the one that does not
+own the inference plane passes the socket itself to the owner (with the
+bytes it already read) instead of relaying every token. Each test sends
+enough connections that both processes take some, and reads
+`inference_handoffs_total` to see which way they went.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+
+import requests
+
+from tests.support.gateway import RawResponses
+from tests.support.inference import metric, wait_for, wait_healthy
+
+BODY = json.dumps({"prompt": "one two three", "max_tokens": 4}).encode()
+
+
+def _post(path: bytes, body: bytes, extra: bytes = b"") -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s" % (
+        path,
+        extra,
+        len(body),
+        body,
+    )
+
+
+def test_a_moved_connection_keeps_serving_and_a_split_body_arrives_whole(start_gateway, start_worker) -> None:
+    w = start_worker("--max-concurrency", "4")
+    gw = start_gateway("--workers", "2", "-worker-addrs", w.addr)
+    wait_healthy(gw)
+    for i in range(12):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            request = _post(
+                b"/v1/completions", json.dumps({"model": "m", "prompt": f"p{i} x", "max_tokens": 3}).encode()
+            )
+            cut = len(request) - 10
+            s.sendall(request[:cut])
+            time.sleep(0.01)  # the body's end comes later: whoever reads it, the request is whole
+            s.sendall(request[cut:])
+            reader = RawResponses(s)
+            status, headers, body = reader.next()
+            assert status == 200 and json.loads(body)["choices"][0]["text"].startswith("[m]"), body
+            # The same connection, now in whichever process has it: an inference request, then a proxy one.
+            s.sendall(_post(b"/v1/inference", BODY) + b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+            status, headers, body = reader.next()
+            assert status == 200 and b'"finished":true' in body
+            status, headers, body = reader.next()
+            assert status == 200 and body == b'{"status":"ok"}\n'
+    wait_for(lambda: metric(gw, "inference_handoffs_total", result="moved") > 0, "connections handed over")
+    assert metric(gw, "inference_handoffs_total", result="relayed") == 0
+    # Each request counted once, by the process that answered it (others' counts reach /metrics within a second).
+    # (Counted twice, it would read 48 once both processes' counts are in.)
+    wait_for(lambda: metric(gw, "proxy_requests_total", method="POST", status="200") == 24, "24 POSTs counted")
+    assert w.health().generations_started == 24
+
+
+def test_what_cannot_move_is_relayed(start_gateway, start_worker) -> None:
+    w = start_worker("--max-concurrency", "4")
+    gw = start_gateway("--workers", "2", "-worker-addrs", w.addr)
+    wait_healthy(gw)
+    for _ in range(12):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            # A chunked body: its raw bytes are gone once decoded, so the request is relayed.
+            s.sendall(
+                b"POST /v1/inference HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY)
+            )
+            status, _, body = RawResponses(s).next()
+            assert status == 200 and b'"finished":true' in body
+    wait_for(lambda: metric(gw, "inference_handoffs_total", result="relayed") > 0, "relayed requests")
+    assert metric(gw, "inference_handoffs_total", result="moved") == 0
+
+
+def test_tls_connections_are_relayed(start_gateway, start_worker, server_cert_files, ca_file) -> None:
+    """A TLS session's state cannot move with its socket: its requests are relayed."""
+    w = start_worker("--max-concurrency", "4")
+    pem, key = server_cert_files
+    gw = start_gateway("--workers", "2", "-worker-addrs", w.addr, "-proto", "https", "-pem", pem, "-key", key)
+    url = f"https://127.0.0.1:{gw.port}"
+
+    def handoffs(result: str) -> float:
+        text = requests.get(f"{url}/metrics", verify=ca_file, timeout=5).text
+        found = re.search(rf'^inference_handoffs_total{{result="{result}"}} (\S+)$', text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    wait_for(
+        lambda: requests.get(f"{url}/status.json", verify=ca_file, timeout=5).json()["workers"][0]["healthy"],
+        "a healthy worker",
+    )
+    for _ in range(12):
+        r = requests.post(f"{url}/v1/inference", data=BODY, verify=ca_file, headers={"Connection": "close"}, timeout=30)
+        assert r.status_code == 200 and '"finished":true' in r.text
+    wait_for(lambda: handoffs("relayed") > 0, "relayed TLS requests")
+    assert handoffs("moved") == 0
