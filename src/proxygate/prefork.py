@@ -8,9 +8,10 @@ across processes is made so before the fork: the memory rate limiter's
 buckets live in shared memory, and /metrics merges every process's
 snapshot. Redis limits are shared by nature. The inference plane is one:
 the first process owns it (the queue, the workers' capacity, coalescing and
-the prefix index) and the others relay `/v1/*` to it over a unix socket in
-the runtime folder (`inference/relay.py`). Each process keeps its own
-upstream pool.
+the prefix index); the others pass it their clients' connections with
+`/v1/*` requests, or relay those they cannot pass, over unix sockets in the
+runtime folder (`inference/handoff.py`, `inference/relay.py`). Each process
+keeps its own upstream pool.
 """
 
 from __future__ import annotations

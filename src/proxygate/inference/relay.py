@@ -2,8 +2,9 @@
 
 The kernel spreads connections over N processes, but the inference plane
 must be one: one queue order, one view of each worker's free slots, one
-coalescing table, one prefix index. So one process (the first) owns it, and
-the others relay `/v1/*` requests to it over a unix socket as plain HTTP/1.1,
+coalescing table, one prefix index. So one process (the first) owns it. The
+others hand it their clients' connections when they can (`handoff.py`); the
+requests they cannot hand over they relay to it over a unix socket as plain HTTP/1.1,
 streaming the response back as it comes (`InferenceRelay`). The owner serves
 those connections with `RelayedApi`: straight to the API router, since the
 relaying process already checked the client's key and rate limit. The
