@@ -92,7 +92,11 @@ def run_worker_faults(work: Path, report: Report, *, seconds: float = 10.0, clie
         )
         for t in threads:
             t.join()
+        # Once re-admitted it takes its turn again (round-robin: one of every two requests).
+        for i in range(4):
+            requests.post(f"{gw.proxy}/v1/inference", json={"prompt": f"after {i}", "max_tokens": 2}, timeout=20)
         served_after = b.health().generations_started
+        retried = gw.log().count("before the first token")  # moved to the other worker, invisibly to the client
     finally:
         a.proc.send_signal(signal.SIGCONT)
         gw.stop()
@@ -104,7 +108,8 @@ def run_worker_faults(work: Path, report: Report, *, seconds: float = 10.0, clie
     report.add(
         "worker faults under load (stop, kill, restart)",
         ok,
-        f"{total} streams: {dict(outcomes)}; worst wait from last token to error event {worst_stall:.2f} s "
+        f"{total} streams: {dict(outcomes)}, {retried} of the completed ones retried on the other worker "
+        f"before their first token; worst wait from last token to error event {worst_stall:.2f} s "
         f"(token timeout {TOKEN_TIMEOUT:g} s); restarted worker re-admitted: {readmitted}, "
         f"generations on it after restart: {served_after}",
     )
