@@ -62,17 +62,23 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def sse_request(
-    port: int, body: dict, processes: list[str] | None = None, headers: bytes = b""
+    port: int,
+    body: dict,
+    processes: list[str] | None = None,
+    headers: bytes = b"",
+    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
 ) -> tuple[float, list[float], int]:
     """(ttft, inter-token gaps, tokens) of one /v1/inference stream, timed from the request's send.
 
+    A new connection per request, or `conn` kept alive across requests.
     `processes` collects which gateway process answered (its request-id prefix)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = conn if conn is not None else await asyncio.open_connection("127.0.0.1", port)
     payload = json.dumps(body).encode()
     start = time.perf_counter()
     writer.write(
         b"POST /v1/inference HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n%s"
-        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (headers, len(payload), payload)
+        b"Content-Length: %d\r\n%s\r\n%s"
+        % (headers, len(payload), b"" if conn is not None else b"Connection: close\r\n", payload)
     )
     ttft = 0.0
     gaps: list[float] = []
@@ -95,7 +101,11 @@ async def sse_request(
             last = now
         if b'"finished":true' in data:
             break
-    writer.close()
+    if conn is None:
+        writer.close()
+    else:
+        while not data.endswith(b"0\r\n\r\n"):  # the chunked body's end, before the next request
+            data = await reader.read(65536) or b"0\r\n\r\n"
     return ttft, gaps, tokens
 
 
@@ -121,9 +131,12 @@ async def grpc_request(stub: pbg.ModelServiceStub, body: dict) -> tuple[float, l
     return ttft, gaps, tokens
 
 
-async def latency_compare(gw_port: int, worker_port: int, n: int) -> dict[str, dict[str, float]]:
+async def latency_compare(
+    gw_port: int, worker_port: int, n: int, keep_alive: bool = False
+) -> dict[str, dict[str, float]]:
     """Direct gRPC vs through the gateway, interleaved; with several gateway processes,
     also per process (the first one owns the inference plane, the others relay to it)."""
+    conn = await asyncio.open_connection("127.0.0.1", gw_port) if keep_alive else None
     body = {"prompt": " ".join(f"w{i}" for i in range(20)), "max_tokens": 21, "temperature": 0}
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{worker_port}")
     stub = pbg.ModelServiceStub(channel)
@@ -135,11 +148,13 @@ async def latency_compare(gw_port: int, worker_port: int, n: int) -> dict[str, d
                 ttft, gaps, _ = await grpc_request(stub, body)
             else:
                 seen: list[str] = []
-                ttft, gaps, _ = await sse_request(gw_port, body, seen)
+                ttft, gaps, _ = await sse_request(gw_port, body, seen, conn=conn)
                 by_process.setdefault(seen[0] if seen else "?", []).append(ttft)
             samples[name][0].append(ttft)
             samples[name][1].extend(gaps)
     await channel.close()
+    if conn is not None:
+        conn[1].close()
     out: dict[str, dict[str, float]] = {}
     for name, (ttfts, gaps) in samples.items():
         out[name] = {
@@ -217,9 +232,11 @@ def echo_sections(args: argparse.Namespace, logs: Path, lines: list[str], procs:
     w_port, g_port = free_port(), free_port()
     procs.append(worker(w_port, logs / "bench-worker-a.log", "--latency", "0.002", "--max-concurrency", "8"))
     procs.append(gateway(g_port, [w_port], logs / "bench-gw-a.log", args.gateway_workers))
-    lat = asyncio.run(latency_compare(g_port, w_port, args.samples))
+    lat = asyncio.run(latency_compare(g_port, w_port, args.samples, args.keep_alive))
+    connections = "one kept-alive connection" if args.keep_alive else "a new connection per request"
     lines += [
-        f"### (a) latency, echo worker at 2 ms/token, one request at a time, gateway --workers {args.gateway_workers}",
+        f"### (a) latency, echo worker at 2 ms/token, one request at a time on {connections}, "
+        f"gateway --workers {args.gateway_workers}",
         "",
         "| path | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | per-token p99 ms |",
         "|---|---|---|---|---|",
@@ -267,6 +284,7 @@ def main() -> int:
         default=1,
         help="gateway processes for (a): 2 puts the inference relay in the path",
     )
+    parser.add_argument("--keep-alive", action="store_true", help="(a) on one kept-alive connection")
     parser.add_argument("--only-hf", action="store_true", help="only (c)")
     args = parser.parse_args()
     logs = ROOT / "bench" / "out"

@@ -49,10 +49,10 @@ class SharedGeneration:
         self.error: BaseException | None = None
         self.done = False
         self.clients = 0
-        loop = asyncio.get_running_loop()
-        self._next: asyncio.Future[None] = loop.create_future()
+        # One future per waiting client: a client being cancelled cancels only its own.
+        self._waiters: list[asyncio.Future[None]] = []
         self._on_done = on_done
-        self._task = loop.create_task(self._run(source))
+        self._task = asyncio.get_running_loop().create_task(self._run(source))
 
     async def _run(self, source: Source) -> None:
         try:
@@ -71,8 +71,10 @@ class SharedGeneration:
             await source.aclose()  # ends the worker call now, not at garbage collection
 
     def _wake(self) -> None:
-        fut, self._next = self._next, asyncio.get_running_loop().create_future()
-        fut.set_result(None)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def follow(self) -> Source:
         """Every response from the first, then live ones; the generation's failure, if any."""
@@ -87,8 +89,9 @@ class SharedGeneration:
                     if self.error is not None:
                         raise copy.copy(self.error)
                     return
-                # shielded: one client being cancelled must not cancel the wake-up all share
-                await asyncio.shield(self._next)
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiters.append(waiter)
+                await waiter
         finally:
             self.clients -= 1
             if self.clients == 0 and not self.done:

@@ -270,6 +270,8 @@ class InferenceService:
         ticket.payload = waiter
         self.queue.push(ticket, keep_seq=retry)
         self.schedule()
+        if waiter.done():  # a free worker took it at once: no need to wait a loop pass for the future
+            return waiter.result()
         timeout = min(self.limits.queue_timeout or deadline, deadline - loop.time())
         try:
             return await asyncio.wait_for(waiter, max(0.0, timeout))
