@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,21 @@ from tests.support.gateway import GatewayProcess
 from tests.support.worker import WorkerProcess
 
 __all__ = ["GatewayProcess", "WorkerProcess", "Report", "exchange", "status_of", "tree_pids", "rss_kib", "fd_count"]
+
+
+def accept_forever(sock: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+    """Accept on a listening socket in a thread, each connection handled in a thread of its own,
+    until the socket is closed."""
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
 
 
 def exchange(port: int, data: bytes, *, timeout: float = 3.0, half_close: bool = True) -> bytes:

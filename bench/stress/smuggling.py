@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tests.support.gateway import OPEN_POLICY
 
-from .harness import GatewayProcess, Report, access_lines, exchange, statuses, wait_until
+from .harness import GatewayProcess, Report, accept_forever, access_lines, exchange, statuses, wait_until
 
 TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
@@ -39,15 +39,7 @@ class StrictOrigin:
         self.seen: list[str] = []  # paths, and "AMBIGUOUS: why"
         self.raw = bytearray()
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        accept_forever(self.sock, self._serve)
 
     def _record(self, what: str) -> None:
         with self.lock:

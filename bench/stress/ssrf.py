@@ -15,7 +15,7 @@ from pathlib import Path
 
 from proxygate.config import DENY_DEFAULT
 
-from .harness import GatewayProcess, Report, exchange, status_of
+from .harness import GatewayProcess, Report, accept_forever, exchange, status_of
 
 # Refused out of the box (--deny-destinations' default: loopback, unspecified, link-local).
 DENIED_BY_DEFAULT = [
@@ -82,16 +82,13 @@ class Canary:
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.hits = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._lock = threading.Lock()
+        accept_forever(self.sock, self._hit)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
+    def _hit(self, conn: socket.socket) -> None:
+        with self._lock:
             self.hits += 1
-            conn.close()
+        conn.close()
 
     def close(self) -> None:
         self.sock.close()
