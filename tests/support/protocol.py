@@ -68,7 +68,7 @@ class FakeTransport:
         self.aborted = False
         self.eof_written = False
         self.reading = True
-        self.protocol: ClientConnection | None = None
+        self.protocol: asyncio.BaseProtocol | None = None  # a client connection, or an upstream one
 
     def write(self, data: bytes) -> None:
         assert not self.eof_written, "write after write_eof"

@@ -10,7 +10,9 @@ import asyncio
 
 from proxygate.http.connection import MAX_PIPELINED, ClientConnection
 from proxygate.http.message import Request
-from tests.support.protocol import App, VirtualClock, connect, responses, run, settle
+from proxygate.proxy.forward import Forwarder, Target
+from proxygate.proxy.upstream import UpstreamConnection, UpstreamPool
+from tests.support.protocol import App, FakeTransport, VirtualClock, connect, responses, run, settle
 
 GET = b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -272,5 +274,86 @@ def test_a_client_that_leaves_cancels_its_handler() -> None:
         conn.connection_lost(None)
         await settle()
         assert cancelled.is_set() and app.done == [("GET", b"/forever", 0)] and app.open == 0
+
+    run(test)
+
+
+# ---- forwarding through the upstream pool, the test playing the origin ---------------------
+
+
+class FakeOrigin:
+    """Opens fake upstream connections; each one's requests and the responses fed to it are the test's."""
+
+    def __init__(self) -> None:
+        self.opened: list[tuple[FakeTransport, UpstreamConnection]] = []
+
+    async def open(self, host: str, port: int, factory):  # type: ignore[no-untyped-def]
+        upstream = factory()
+        transport = FakeTransport()
+        transport.protocol = upstream
+        upstream.connection_made(transport)
+        self.opened.append((transport, upstream))
+        return transport, upstream
+
+
+def forwarding_app(origin: FakeOrigin) -> App:
+    app = App()
+    forwarder = Forwarder(UpstreamPool(origin, 4, 60.0, app.writes), read_timeout=30.0)
+
+    async def handle(req: Request, conn: ClientConnection) -> None:
+        await forwarder.forward(req, Target(req.target), conn)
+
+    app.handle = handle  # type: ignore[method-assign]
+    return app
+
+
+async def answer(transport: FakeTransport, upstream: UpstreamConnection, body: bytes) -> bytes:
+    """Wait for a request on an upstream connection, answer it; the request's bytes."""
+    while not transport.out:
+        await asyncio.sleep(0)
+    request = transport.take()
+    upstream.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    return request
+
+
+def test_upstream_connections_are_reused_between_requests() -> None:
+    async def test(clock: VirtualClock) -> None:
+        origin = FakeOrigin()
+        conn, t = connect(forwarding_app(origin))
+        for i in range(3):
+            conn.data_received(b"GET http://o.test/%d HTTP/1.1\r\nHost: o.test\r\n\r\n" % i)
+            await settle()
+            transport, upstream = origin.opened[-1]
+            assert (await answer(transport, upstream, b"r%d" % i)).startswith(b"GET /%d HTTP/1.1\r\n" % i)
+            await settle()
+            ((status, _, body),) = responses(t.take())
+            assert (status, body) == (200, b"r%d" % i)
+        assert len(origin.opened) == 1  # one upstream connection served all three
+
+    run(test)
+
+
+def test_a_pooled_connection_the_origin_closed_is_retried_once_on_a_fresh_one() -> None:
+    async def test(clock: VirtualClock) -> None:
+        origin = FakeOrigin()
+        conn, t = connect(forwarding_app(origin))
+        conn.data_received(b"GET http://o.test/a HTTP/1.1\r\nHost: o.test\r\n\r\n")
+        await settle()
+        await answer(*origin.opened[0], b"first")
+        await settle()
+        t.take()
+        # The second request goes out on the pooled connection, which the origin
+        # had already closed: nothing comes back but EOF.
+        conn.data_received(b"GET http://o.test/b HTTP/1.1\r\nHost: o.test\r\n\r\n")
+        await settle()
+        stale_transport, stale = origin.opened[0]
+        assert stale_transport.take().startswith(b"GET /b ")
+        stale.eof_received()
+        await settle()
+        assert len(origin.opened) == 2  # a fresh connection, same request
+        assert (await answer(*origin.opened[1], b"second")).startswith(b"GET /b ")
+        await settle()
+        ((status, _, body),) = responses(t.take())
+        assert (status, body) == (200, b"second")
 
     run(test)
