@@ -123,10 +123,13 @@ def _soak(
     peak_fd = max(s[2] for s in warm)
     alive = gw.proc.poll() is None
     total = sum(v for k, v in ops.items() if k != "client-side error")
+    # The shape matters as much as the ends: still climbing at the end, or levelled off?
+    marks = [warm[min(len(warm) - 1, round(i * (len(warm) - 1) / 5))] for i in range(6)]
+    trajectory = ", ".join(f"{t:.0f} s: {rss / 1024:.1f}" for t, rss, _ in marks)
     report.add(
         f"soak {seconds:.0f} s, --workers 2",
         alive and growth < 10 and fd1 <= fd0 + 16,
         f"{total:,} operations ({', '.join(f'{k}: {v:,}' for k, v in sorted(ops.items()))}); "
         f"RSS after warm-up {rss0 / 1024:.1f} MiB → end {rss1 / 1024:.1f} MiB ({growth:+.1f} %); "
-        f"open fds {fd0} → {fd1} (peak {peak_fd}); {len(samples)} samples",
+        f"open fds {fd0} → {fd1} (peak {peak_fd}); {len(samples)} samples; RSS MiB over time: {trajectory}",
     )
