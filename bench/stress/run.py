@@ -18,7 +18,7 @@ from pathlib import Path
 from .fuzz import run_fuzz
 from .harness import Report
 from .smuggling import run_smuggling
-from .soak import run_soak
+from .soak import KINDS, run_soak
 from .ssrf import run_ssrf
 from .worker_faults import run_worker_faults
 
@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--soak-seconds", type=float, help="soak length (default 8 quick, 600 long)")
     parser.add_argument("--work", help="folder for the processes' logs (default: a temporary one)")
+    parser.add_argument(
+        "--soak-kinds", default=",".join(KINDS), help=f"the soak's traffic, a comma list of {', '.join(KINDS)}"
+    )
+    parser.add_argument("--only-soak", action="store_true", help="run the soak alone (to study memory)")
     args = parser.parse_args(argv)
     fuzz_requests = args.fuzz_requests or (3_000 if args.quick else 100_000)
     soak_seconds = args.soak_seconds or (8.0 if args.quick else 600.0)
@@ -39,11 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="proxygate-stress-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        run_fuzz(work, report, requests=fuzz_requests, seconds=60 if args.quick else 900)
-        run_smuggling(work, report)
-        run_ssrf(work, report)
-        run_worker_faults(work, report, seconds=6 if args.quick else 30)
-        run_soak(work, report, seconds=soak_seconds, sample_every=1 if args.quick else 10)
+        if not args.only_soak:
+            run_fuzz(work, report, requests=fuzz_requests, seconds=60 if args.quick else 900)
+            run_smuggling(work, report)
+            run_ssrf(work, report)
+            run_worker_faults(work, report, seconds=6 if args.quick else 30)
+        kinds = tuple(k for k in args.soak_kinds.split(",") if k in KINDS)
+        run_soak(work, report, seconds=soak_seconds, sample_every=1 if args.quick else 10, kinds=kinds)
     print(f"\n{'quick' if args.quick else 'long'} run, {time.monotonic() - started:.0f} s:\n")
     print(report.markdown())
     return 0 if report.ok else 1

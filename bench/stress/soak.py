@@ -18,8 +18,12 @@ from tests.support.origin import EchoTcpServer, Origin
 
 from .harness import GatewayProcess, Report, WorkerProcess, exchange, fd_count, rss_kib, tree_pids, wait_until
 
+KINDS = ("proxy", "tunnel", "inference", "abuse")
 
-def run_soak(work: Path, report: Report, *, seconds: float, sample_every: float) -> None:
+
+def run_soak(
+    work: Path, report: Report, *, seconds: float, sample_every: float, kinds: tuple[str, ...] = KINDS
+) -> None:
     with Origin() as origin, EchoTcpServer() as echo:
         worker = WorkerProcess(
             ["--engine", "echo", "--latency", "0.005", "--max-concurrency", "8"], work / "soak-w.log"
@@ -29,14 +33,21 @@ def run_soak(work: Path, report: Report, *, seconds: float, sample_every: float)
         )
         try:
             wait_until(lambda: requests.get(f"{gw.proxy}/status.json", timeout=5).json()["workers"][0]["healthy"], 10)
-            _soak(gw, origin, echo, report, seconds=seconds, sample_every=sample_every)
+            _soak(gw, origin, echo, report, seconds=seconds, sample_every=sample_every, kinds=kinds)
         finally:
             gw.stop()
             worker.stop()
 
 
 def _soak(
-    gw: GatewayProcess, origin: Origin, echo: EchoTcpServer, report: Report, *, seconds: float, sample_every: float
+    gw: GatewayProcess,
+    origin: Origin,
+    echo: EchoTcpServer,
+    report: Report,
+    *,
+    seconds: float,
+    sample_every: float,
+    kinds: tuple[str, ...],
 ) -> None:
     stop_at = time.monotonic() + seconds
     ops: Counter[str] = Counter()
@@ -99,24 +110,36 @@ def _soak(
 
         return run
 
-    threads = [
-        threading.Thread(target=guarded(fn))
-        for fn in (keepalive, keepalive, new_connections, tunnels, inference, inference, abuse)
-    ]
+    loads = {
+        "proxy": (keepalive, keepalive, new_connections),
+        "tunnel": (tunnels,),
+        "inference": (inference, inference),
+        "abuse": (abuse,),
+    }
+    threads = [threading.Thread(target=guarded(fn)) for kind in kinds for fn in loads[kind]]
     for t in threads:
         t.start()
     samples: list[tuple[float, int, int]] = []
+    per_process: list[dict[int, int]] = []  # each process's RSS at each sample
     started = time.monotonic()
-    while time.monotonic() < stop_at:
+
+    def sample() -> None:
         pids = tree_pids(gw.proc.pid)
         samples.append((time.monotonic() - started, rss_kib(pids), fd_count(pids)))
+        per_process.append({pid: rss_kib([pid]) for pid in pids})
+
+    while time.monotonic() < stop_at:
+        sample()
         time.sleep(min(sample_every, max(0.0, stop_at - time.monotonic())))
     for t in threads:
         t.join()
-    pids = tree_pids(gw.proc.pid)
-    samples.append((time.monotonic() - started, rss_kib(pids), fd_count(pids)))
+    sample()
     # After a warm-up (a fifth of the run): the first sample against the last.
-    warm = [s for s in samples if s[0] >= seconds / 5] or samples
+    first_warm = next((i for i, s in enumerate(samples) if s[0] >= seconds / 5), 0)
+    warm = samples[first_warm:]
+    by_process = ", ".join(
+        f"{rss / 1024:.1f} → {per_process[-1].get(pid, 0) / 1024:.1f}" for pid, rss in per_process[first_warm].items()
+    )
     rss0, rss1 = warm[0][1], warm[-1][1]
     fd0, fd1 = warm[0][2], warm[-1][2]
     growth = (rss1 - rss0) / rss0 * 100
@@ -127,9 +150,10 @@ def _soak(
     marks = [warm[min(len(warm) - 1, round(i * (len(warm) - 1) / 5))] for i in range(6)]
     trajectory = ", ".join(f"{t:.0f} s: {rss / 1024:.1f}" for t, rss, _ in marks)
     report.add(
-        f"soak {seconds:.0f} s, --workers 2",
+        f"soak {seconds:.0f} s, --workers 2, {'+'.join(kinds)}",
         alive and growth < 10 and fd1 <= fd0 + 16,
         f"{total:,} operations ({', '.join(f'{k}: {v:,}' for k, v in sorted(ops.items()))}); "
         f"RSS after warm-up {rss0 / 1024:.1f} MiB → end {rss1 / 1024:.1f} MiB ({growth:+.1f} %); "
-        f"open fds {fd0} → {fd1} (peak {peak_fd}); {len(samples)} samples; RSS MiB over time: {trajectory}",
+        f"open fds {fd0} → {fd1} (peak {peak_fd}); {len(samples)} samples; RSS MiB over time: {trajectory}; "
+        f"per process (supervisor first) {by_process} MiB",
     )
