@@ -68,16 +68,12 @@ class GatewayMetrics:
         merged.register(self.exchange.merged(self.registry))
         return generate_latest(merged)
 
-    def families(self) -> list[Family]:
-        """Every metric as plain data, all processes merged (the status page reads these)."""
+    def families_and_errors(self) -> tuple[list[Family], list[ErrorEntry]]:
+        """Every metric as plain data and every recent error, all processes merged
+        (others' up to a second old): what the status page reads."""
         if self.exchange is None:
-            return snapshot(self.registry)
-        return self.exchange.merged_families(self.registry)
-
-    def all_recent_errors(self) -> list[ErrorEntry]:
-        """This process's recent errors and, with several processes, the others' (up to a second old)."""
-        own = self.recent_errors.entries()
-        return own if self.exchange is None else own + self.exchange.peer_errors()
+            return snapshot(self.registry), self.recent_errors.entries()
+        return self.exchange.merged_with_errors(self.registry, self.recent_errors.entries())
 
     def publish(self) -> None:
         """Hand this process's metrics and recent errors to the others (several processes only)."""

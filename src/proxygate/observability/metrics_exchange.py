@@ -62,17 +62,18 @@ class MetricsExchange:
                 continue  # a process that has just gone: its file is being replaced or removed
         return out
 
-    def merged_families(self, collector: Collector) -> list[Family]:
-        """This process's live metrics merged with the peers' snapshots."""
-        return merge([snapshot(collector), *(p["families"] for p in self.peers())], self.observed_prefixes)
+    def merged_with_errors(
+        self, collector: Collector, errors: Sequence[ErrorEntry]
+    ) -> tuple[list[Family], list[ErrorEntry]]:
+        """This process's live metrics merged with the peers' snapshots, and every
+        process's recent errors (ours first): the peers' files are read once for both."""
+        peers = self.peers()
+        families = merge([snapshot(collector), *(p["families"] for p in peers)], self.observed_prefixes)
+        return families, [*errors, *(e for p in peers for e in p.get("errors", ()))]
 
     def merged(self, collector: Collector) -> Collector:
-        """A collector of `merged_families`, for exposition."""
-        return _Merged(self.merged_families(collector))
-
-    def peer_errors(self) -> list[ErrorEntry]:
-        """The other processes' recent errors."""
-        return [e for p in self.peers() for e in p.get("errors", ())]
+        """A collector of this process's live metrics merged with the peers' snapshots, for exposition."""
+        return _Merged(self.merged_with_errors(collector, ())[0])
 
 
 def merge(snapshots: Iterable[list[Family]], observed_prefixes: tuple[str, ...] = ()) -> list[Family]:

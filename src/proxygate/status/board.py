@@ -52,7 +52,7 @@ class StatusBoard:
         self._samples: deque[tuple[float, Totals]] = deque()
 
     def snapshot(self) -> dict[str, Any]:
-        families = self.metrics.families()
+        families, errors = self.metrics.families_and_errors()
         totals = counter_totals(families)
         now = self._clock()
         rates, window = self._rates(now, totals)
@@ -73,7 +73,7 @@ class StatusBoard:
                 "rejected_by_endpoint": by_label(families, "rate_limited_requests_total", "endpoint"),
                 "budget_rejected_by_tenant": by_label(families, "inference_budget_rejections_total", "tenant"),
             },
-            "recent_errors": latest(self.metrics.all_recent_errors()),
+            "recent_errors": latest(errors),
         }
         if self.inference is not None:
             out.update(plane_status(self.inference))
