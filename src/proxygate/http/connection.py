@@ -126,17 +126,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
-        self.closed = True
-        self._cancel_timer()
-        self.flow.close()
-        err = ConnectionResetError("client connection lost")
-        if self._parsing is not None and self._parsing.body is not None:
-            self._parsing.body.set_exception(err)
-        for req in self.pending:
-            if isinstance(req, Request) and req.body is not None:
-                req.body.set_exception(err)
-        if self.current is not None and self.current.body is not None:
-            self.current.body.set_exception(err)
+        self._end(ConnectionResetError("client connection lost"))
         if self.relay is not None:
             self.relay.client_lost()
         if self._serving is not None and not self._serving.done() and self.relay is None:
@@ -144,6 +134,19 @@ class ClientConnection(asyncio.Protocol):
             # its upstream work in turn).
             self._serving.cancel()
         self.app.connection_closed(self)
+
+    def _end(self, err: Exception) -> None:
+        """Nothing more comes from this client here: stop the timers, fail every body still awaited."""
+        self.closed = True
+        self._cancel_timer()
+        self.flow.close()
+        if self._parsing is not None and self._parsing.body is not None:
+            self._parsing.body.set_exception(err)
+        for req in self.pending:
+            if isinstance(req, Request) and req.body is not None:
+                req.body.set_exception(err)
+        if self.current is not None and self.current.body is not None:
+            self.current.body.set_exception(err)
 
     def pause_writing(self) -> None:
         self.flow.pause()
@@ -559,11 +562,7 @@ class ClientConnection(asyncio.Protocol):
         self.moved = True
         if self.closed:
             return  # the client left meanwhile: connection_lost did the bookkeeping
-        self.closed = True
-        self._cancel_timer()
-        self.flow.close()
-        if self.current is not None and self.current.body is not None:
-            self.current.body.set_exception(ConnectionResetError("connection handed over"))
+        self._end(ConnectionResetError("connection handed over"))
         self.app.connection_closed(self)
         if self.transport is not None:
             self.transport.close()  # our descriptor only: the other process's keeps the connection open
