@@ -17,6 +17,7 @@ import requests
 
 from tests.conftest import require_binary
 from tests.integration.test_routing import Stream
+from tests.integration.test_safety import raw
 from tests.support.gateway import GatewayProcess
 from tests.support.inference import wait_for, wait_healthy
 
@@ -36,10 +37,9 @@ def refused_port() -> int:
         return s.getsockname()[1]
 
 
-def proxy_raw(gw: GatewayProcess, target: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
-        s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
-        return s.recv(64)
+def proxy_get(gw: GatewayProcess, url: bytes) -> bytes:
+    """A plain-HTTP GET through the gateway on a new connection (either process may take it)."""
+    return raw(gw, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % url)
 
 
 def test_status_json_shows_workers_queue_by_priority_and_totals(start_gateway, start_worker) -> None:
@@ -74,7 +74,7 @@ def test_recent_errors_come_from_every_process(start_gateway) -> None:
     gw = start_gateway("--workers", "2", "--http-ports", "*")
     port = refused_port()
     for i in range(6):  # new connections: both processes answer some
-        assert proxy_raw(gw, b"http://127.0.0.1:%d/missing-%d" % (port, i)).startswith(b"HTTP/1.1 502")
+        assert proxy_get(gw, b"http://127.0.0.1:%d/missing-%d" % (port, i)).startswith(b"HTTP/1.1 502")
     requests.get(f"{gw.proxy}/healthz", timeout=5)  # a success is not an error
     wait_for(lambda: len(status(gw)["recent_errors"]) == 6, "six recent errors")
     errors = status(gw)["recent_errors"]
@@ -134,7 +134,7 @@ def test_status_page_renders_and_updates_itself_in_a_browser(start_gateway, star
     # Self-contained: nothing for the browser to fetch but /status.json.
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page.text)
     # A client-chosen path is shown as text, never as markup.
-    assert proxy_raw(gw, b"http://127.0.0.1:%d/<i>injected</i>" % refused_port()).startswith(b"HTTP/1.1 502")
+    assert proxy_get(gw, b"http://127.0.0.1:%d/<i>injected</i>" % refused_port()).startswith(b"HTTP/1.1 502")
     wait_for(lambda: len(status(gw)["recent_errors"]) == 1, "the error to reach the status data")
     dom = chromium_dom(f"{gw.proxy}/status", tmp_path / "chromium")
     updates = re.search(r'data-updates="(\d+)"', dom)
