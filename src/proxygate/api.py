@@ -1,7 +1,7 @@
-"""Origin-form requests to the gateway itself: health, readiness, metrics.
+"""Origin-form requests to the gateway itself: a table of exact paths to handlers.
 
-A table of exact paths to handlers; everything else is 404. Later planes
-(inference, OpenAI) register their routes on the same table.
+Everything not in the table is 404. The gateway's own endpoints
+(endpoints.py) and the inference plane's APIs register their routes here.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from .errors import MethodNotAllowed, NotFound
 from .http.message import Request
 
 if TYPE_CHECKING:
-    from .http.connection import ClientConnection
+    from .http.exchange import Exchange
 
-Handler = Callable[[Request, "ClientConnection"], Awaitable[None]]
+Handler = Callable[[Request, "Exchange"], Awaitable[None]]
 
 
 class ApiRouter:
@@ -26,7 +26,7 @@ class ApiRouter:
         allowed = frozenset(methods) | ({"HEAD"} if "GET" in methods else frozenset())
         self._routes[path.encode()] = (allowed, handler)
 
-    async def dispatch(self, req: Request, path: bytes, conn: ClientConnection) -> None:
+    async def dispatch(self, req: Request, path: bytes, ex: Exchange) -> None:
         route = self._routes.get(path)
         if route is None:
             raise NotFound(f"no such endpoint: {path.decode('latin-1')[:200]}")
@@ -34,7 +34,7 @@ class ApiRouter:
         if req.method not in methods:
             allow = ", ".join(sorted(methods))
             raise MethodNotAllowed(f"{req.method} not allowed here", headers=[(b"Allow", allow.encode())])
-        await handler(req, conn)
+        await handler(req, ex)
 
 
 def origin_path(target: bytes) -> bytes:

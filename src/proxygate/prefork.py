@@ -66,14 +66,14 @@ def serve_child(settings: GatewaySettings, ctx: ChildContext) -> int:
     """One serving process: the gateway on the shared listener."""
     # Imported here: the supervisor itself never loads the event loop, gRPC
     # or anything that starts threads, so forking it stays safe.
-    from .gateway import Gateway
     from .observability.metrics import GatewayMetrics
     from .runloop import run
     from .server import serve
+    from .wiring import build_gateway
 
     async def main() -> int:
         owner = ctx.index == 0
-        gateway = Gateway(
+        gateway = build_gateway(
             settings,
             metrics=GatewayMetrics(exchange=ctx.exchange),
             limiter=ctx.limiter,

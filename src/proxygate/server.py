@@ -27,6 +27,7 @@ from .listeners import BACKLOG, listening_url, open_listeners
 from .policy.blocklist import BlocklistError
 from .policy.keys import KeysError
 from .policy.ratelimit import LimiterUnavailable, MemoryLimiter, RedisLimiter
+from .wiring import build_gateway
 
 log = logging.getLogger("proxygate.server")
 
@@ -79,7 +80,7 @@ async def serve(
     The one that owns the inference plane for the others also serves their
     relayed requests on `inference_socket`.
     """
-    gateway = gateway or Gateway(settings)
+    gateway = gateway or build_gateway(settings)
     try:
         gateway.blocklist.load_initial()
     except (OSError, BlocklistError, UnicodeDecodeError) as exc:

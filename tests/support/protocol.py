@@ -17,6 +17,7 @@ from typing import Any
 
 from proxygate.config import GatewaySettings
 from proxygate.http.connection import ClientConnection
+from proxygate.http.exchange import Exchange
 from proxygate.http.message import Request
 from proxygate.http.write_batch import WriteBatch
 
@@ -75,6 +76,12 @@ class FakeTransport:
         if not self.closed:
             self.out += data
 
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol | None:
+        return self.protocol
+
     def is_closing(self) -> bool:
         return self.closed
 
@@ -112,7 +119,7 @@ class FakeTransport:
         return data
 
 
-Handler = Callable[[Request, ClientConnection], Awaitable[None]]
+Handler = Callable[[Request, Exchange], Awaitable[None]]
 
 
 class App:
@@ -125,15 +132,15 @@ class App:
         self.done: list[tuple[str, bytes, int]] = []
         self.open = 0
 
-    async def handle(self, request: Request, conn: ClientConnection) -> None:
+    async def handle(self, request: Request, ex: Exchange) -> None:
         handler = self.routes.get(request.target)
         if handler is None:
-            conn.send(200, [(b"Content-Type", b"text/plain")], b"ok " + request.target)
+            ex.send(200, [(b"Content-Type", b"text/plain")], b"ok " + request.target)
             return
-        await handler(request, conn)
+        await handler(request, ex)
 
-    def request_done(self, request: Request, conn: ClientConnection) -> None:
-        self.done.append((request.method, request.target, conn.status))
+    def request_done(self, request: Request, ex: Exchange) -> None:
+        self.done.append((request.method, request.target, ex.status))
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self.open += 1

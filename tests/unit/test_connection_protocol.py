@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import asyncio
 
-from proxygate.http.connection import MAX_PIPELINED, ClientConnection
+from proxygate.http.connection import MAX_PIPELINED
+from proxygate.http.exchange import Exchange
 from proxygate.http.message import Request
+from proxygate.observability.metrics import GatewayMetrics
+from proxygate.policy.blocklist import BlocklistFile
+from proxygate.policy.destinations import DestinationPolicy
+from proxygate.proxy.connect import ConnectHandler
 from proxygate.proxy.forward import Forwarder, Target
 from proxygate.proxy.upstream import UpstreamConnection, UpstreamPool
 from tests.support.protocol import App, FakeTransport, VirtualClock, connect, responses, run, settle
@@ -22,9 +27,9 @@ def test_pipelined_requests_are_answered_in_order_whoever_finishes_first() -> No
         app = App()
         release = asyncio.Event()
 
-        async def slow(req: Request, conn: ClientConnection) -> None:
+        async def slow(req: Request, ex: Exchange) -> None:
             await release.wait()
-            conn.send(200, [], b"slow")
+            ex.send(200, [], b"slow")
 
         app.routes[b"/slow"] = slow
         conn, t = connect(app)
@@ -44,9 +49,9 @@ def test_too_many_pipelined_requests_pause_reading_until_the_queue_drains() -> N
         app = App()
         release = asyncio.Event()
 
-        async def slow(req: Request, conn: ClientConnection) -> None:
+        async def slow(req: Request, ex: Exchange) -> None:
             await release.wait()
-            conn.send(204, [])
+            ex.send(204, [])
 
         app.routes[b"/slow"] = slow
         conn, t = connect(app)
@@ -65,13 +70,13 @@ def test_expect_100_continue_is_answered_only_when_the_handler_reads() -> None:
         app = App()
         start_reading = asyncio.Event()
 
-        async def upload(req: Request, conn: ClientConnection) -> None:
+        async def upload(req: Request, ex: Exchange) -> None:
             await start_reading.wait()
             assert req.body is not None
             data = b""
             while chunk := await req.body.read():
                 data += chunk
-            conn.send(200, [], data)
+            ex.send(200, [], data)
 
         app.routes[b"/up"] = upload
         conn, t = connect(app)
@@ -93,12 +98,12 @@ def test_a_chunked_upload_arrives_whole_across_any_split() -> None:
     async def test(clock: VirtualClock) -> None:
         app = App()
 
-        async def echo(req: Request, conn: ClientConnection) -> None:
+        async def echo(req: Request, ex: Exchange) -> None:
             assert req.body is not None
             data = b""
             while chunk := await req.body.read():
                 data += chunk
-            conn.send(200, [], data)
+            ex.send(200, [], data)
 
         app.routes[b"/echo"] = echo
         head = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -204,13 +209,13 @@ def test_a_stalled_write_is_cut_after_write_timeout_a_slow_one_is_not() -> None:
         app = App(write_timeout=60.0)
         finished = asyncio.Event()
 
-        async def stream(req: Request, conn: ClientConnection) -> None:
-            conn.write(conn.start_response(200, [(b"Transfer-Encoding", b"chunked")]))
+        async def stream(req: Request, ex: Exchange) -> None:
+            ex.write(ex.start_response(200, [(b"Transfer-Encoding", b"chunked")]))
             try:
                 for _ in range(3):
-                    conn.write(b"1\r\nx\r\n")
-                    await conn.drain()
-                conn.write(b"0\r\n\r\n")
+                    ex.write(b"1\r\nx\r\n")
+                    await ex.drain()
+                ex.write(b"0\r\n\r\n")
             finally:
                 finished.set()
 
@@ -233,9 +238,9 @@ def test_shutdown_closes_idle_connections_now_and_busy_ones_after_their_request(
         app = App()
         release = asyncio.Event()
 
-        async def slow(req: Request, conn: ClientConnection) -> None:
+        async def slow(req: Request, ex: Exchange) -> None:
             await release.wait()
-            conn.send(200, [], b"done")
+            ex.send(200, [], b"done")
 
         app.routes[b"/slow"] = slow
         idle, t_idle = connect(app)
@@ -260,7 +265,7 @@ def test_a_client_that_leaves_cancels_its_handler() -> None:
         app = App()
         cancelled = asyncio.Event()
 
-        async def forever(req: Request, conn: ClientConnection) -> None:
+        async def forever(req: Request, ex: Exchange) -> None:
             try:
                 await asyncio.Event().wait()
             except asyncio.CancelledError:
@@ -300,8 +305,8 @@ def forwarding_app(origin: FakeOrigin) -> App:
     app = App()
     forwarder = Forwarder(UpstreamPool(origin, 4, 60.0, app.writes), read_timeout=30.0)
 
-    async def handle(req: Request, conn: ClientConnection) -> None:
-        await forwarder.forward(req, Target(req.target), conn)
+    async def handle(req: Request, ex: Exchange) -> None:
+        await forwarder.forward(req, Target(req.target), ex)
 
     app.handle = handle  # type: ignore[method-assign]
     return app
@@ -355,5 +360,71 @@ def test_a_pooled_connection_the_origin_closed_is_retried_once_on_a_fresh_one() 
         await settle()
         ((status, _, body),) = responses(t.take())
         assert (status, body) == (200, b"second")
+
+    run(test)
+
+
+# ---- CONNECT: the socket leaves HTTP for the tunnel ------------------------------------
+
+
+def tunnel_app(origin: FakeOrigin) -> tuple[App, list[Exchange]]:
+    app = App()
+    origin.policy = DestinationPolicy.from_settings(app.settings)  # type: ignore[attr-defined]
+    handler = ConnectHandler(BlocklistFile(""), origin, GatewayMetrics(), idle_timeout=60.0)  # type: ignore[arg-type]
+    exchanges: list[Exchange] = []
+
+    async def handle(req: Request, ex: Exchange) -> None:
+        exchanges.append(ex)
+        await handler.handle(req, ex, "o.test", 443)
+
+    app.handle = handle  # type: ignore[method-assign]
+    return app, exchanges
+
+
+def test_a_tunnel_relays_both_ways_half_closes_and_logs_the_bytes_it_carried() -> None:
+    async def test(clock: VirtualClock) -> None:
+        origin = FakeOrigin()
+        app, exchanges = tunnel_app(origin)
+        conn, t = connect(app)
+        # Bytes after the head in the same packet (a TLS ClientHello, say) are the tunnel's.
+        conn.data_received(b"CONNECT o.test:443 HTTP/1.1\r\nHost: o.test:443\r\n\r\nhello")
+        await settle()
+        assert t.take().startswith(b"HTTP/1.1 200 Connection established\r\n")
+        up_t, up = origin.opened[0]
+        assert up_t.take() == b"hello"
+        client_side = t.protocol
+        assert client_side is not conn and isinstance(client_side, asyncio.Protocol)  # no HTTP parsing any more
+        client_side.data_received(b"GET / HTTP/1.1\r\n\r\n")  # relayed as bytes, not parsed
+        assert up_t.take() == b"GET / HTTP/1.1\r\n\r\n"
+        up.data_received(b"world")
+        await settle()
+        assert t.take() == b"world"
+        assert client_side.eof_received() is True  # the client is done sending: half-close upstream
+        assert up_t.eof_written and not t.closed
+        up.data_received(b"!")
+        await settle()
+        assert t.take() == b"!"  # the other direction still flows
+        up.eof_received()
+        await settle()
+        assert t.closed and app.done == [("CONNECT", b"o.test:443", 200)]
+        assert exchanges[0].bytes_out == len(b"world!")
+        assert app.open == 0 and not conn.busy
+
+    run(test)
+
+
+def test_a_tunnel_ends_when_the_client_leaves_and_shutdown_waits_for_it() -> None:
+    async def test(clock: VirtualClock) -> None:
+        origin = FakeOrigin()
+        app, _ = tunnel_app(origin)
+        conn, t = connect(app)
+        conn.data_received(b"CONNECT o.test:443 HTTP/1.1\r\nHost: o.test:443\r\n\r\n")
+        await settle()
+        conn.shutdown()  # a tunnel is busy: shutdown lets it run
+        assert not t.closed and conn.busy
+        up_t, _ = origin.opened[0]
+        t.close()  # the client goes away
+        await settle()
+        assert up_t.closed and app.done == [("CONNECT", b"o.test:443", 200)] and app.open == 0
 
     run(test)

@@ -7,14 +7,14 @@ import re
 from pathlib import Path
 
 from proxygate.config import GatewaySettings
-from proxygate.gateway import Gateway
 from proxygate.observability.logging import AccessLog
+from proxygate.wiring import build_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def exported_names() -> set[str]:
-    gw = Gateway(GatewaySettings(), access_log=AccessLog("json", stream=open("/dev/null", "w")))  # noqa: SIM115
+    gw = build_gateway(GatewaySettings(), access_log=AccessLog("json", stream=open("/dev/null", "w")))  # noqa: SIM115
     names = set()
     for metric in gw.metrics.registry.collect():
         names.add(metric.name)

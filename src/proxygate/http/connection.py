@@ -3,9 +3,10 @@
 The protocol object does no I/O of its own beyond the transport it is given:
 `data_received` feeds the parser, parser callbacks build `Request`s into a
 queue, and a single serving task (started when the queue fills, ending when it
-empties) hands each to the application and writes the response. Pipelined
-requests are therefore answered strictly in order. A connection can be turned
-into a byte relay (`become_relay`) for CONNECT tunnels.
+empties) hands each to the application with an `Exchange` (exchange.py) that
+writes its response. Pipelined requests are therefore answered strictly in
+order. After a CONNECT the socket stops being HTTP: `detach` gives the
+transport to the tunnel's protocol (proxy/tunnel.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import TYPE_CHECKING, Protocol
 import httptools
 
 from ..errors import BadRequest, HeadersTooLarge, HttpError, NotImplementedHttp, RequestTimeout, WriteStalled
+from .deadline import IDLE, READ, Deadline
+from .exchange import Exchange
 from .flow import BodyBuffer, WriteFlow
-from .message import Headers, ParseFailure, Request, new_request_id, pick_request_id, render_head
+from .message import Headers, ParseFailure, Request, new_request_id, pick_request_id
 from .write_batch import WriteBatch
 
 if TYPE_CHECKING:
@@ -31,34 +34,18 @@ log = logging.getLogger("proxygate.http")
 # Pipelined requests held before we stop reading from the client.
 MAX_PIPELINED = 32
 
-_NO_TIMER, _READ_TIMER, _IDLE_TIMER = 0, 1, 2
-
 
 class Application(Protocol):
     settings: GatewaySettings
     writes: WriteBatch
 
-    async def handle(self, request: Request, conn: ClientConnection) -> None: ...
+    async def handle(self, request: Request, exchange: Exchange) -> None: ...
 
-    def request_done(self, request: Request, conn: ClientConnection) -> None: ...
+    def request_done(self, request: Request, exchange: Exchange) -> None: ...
 
     def connection_opened(self, conn: ClientConnection) -> None: ...
 
     def connection_closed(self, conn: ClientConnection) -> None: ...
-
-
-class RelaySink(Protocol):
-    """Where a relayed connection's bytes go (the far side of a tunnel)."""
-
-    def from_client(self, data: bytes) -> None: ...
-
-    def client_eof(self) -> None: ...
-
-    def client_lost(self) -> None: ...
-
-    def client_paused_writing(self) -> None: ...
-
-    def client_resumed_writing(self) -> None: ...
 
 
 class ClientConnection(asyncio.Protocol):
@@ -77,15 +64,10 @@ class ClientConnection(asyncio.Protocol):
         self.pending: deque[Request | ParseFailure] = deque()
         self.closed = False
         self.draining = False  # set at shutdown: finish the current request, then close
-        self.relay: RelaySink | None = None
+        self.detached = False  # the transport belongs to another protocol now (a tunnel)
         self._serving: asyncio.Task[None] | None = None
         self._more: asyncio.Future[None] | None = None  # the idle serving task waits here
-        # One lazily moved timer: changing the deadline is an assignment; the
-        # handle is rescheduled only when the deadline moves earlier.
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-        self._deadline = 0.0
-        self._deadline_kind = _NO_TIMER
+        self.deadline = Deadline(self.loop, self._on_deadline)  # read or idle, one at a time
         self._reading_paused = False
         self._parse_stopped = False
         self._upgrade_tail = b""
@@ -102,14 +84,10 @@ class ClientConnection(asyncio.Protocol):
         self._host: bytes | None = None
         self._rid: bytes | None = None
         # per response being written
-        self.current: Request | None = None
-        self.response_started = False
-        self.status = 0
-        self.bytes_out = 0
-        self.close_after = False
+        self.exchange: Exchange | None = None
+        self.close_after = False  # close once the response being written is done
         self.client_eof = False  # the client half-closed: answer what it sent, then close
         self.moved = False  # handed over to another process: nothing more of it is ours
-        self._continue_sent = False
 
     # ---- transport callbacks -------------------------------------------------
 
@@ -118,7 +96,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
         self.app.connection_opened(self)
-        self._arm(self.settings.read_timeout, _READ_TIMER)
+        self.deadline.arm(self.settings.read_timeout, READ)
         if self._preface:
             preface, self._preface = self._preface, b""
             self.data_received(preface)
@@ -127,9 +105,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         self._end(ConnectionResetError("client connection lost"))
-        if self.relay is not None:
-            self.relay.client_lost()
-        if self._serving is not None and not self._serving.done() and self.relay is None:
+        if self._serving is not None and not self._serving.done() and not self.detached:
             # Nobody is left to read the answer: stop the handler (it cancels
             # its upstream work in turn).
             self._serving.cancel()
@@ -138,36 +114,31 @@ class ClientConnection(asyncio.Protocol):
     def _end(self, err: Exception) -> None:
         """Nothing more comes from this client here: stop the timers, fail every body still awaited."""
         self.closed = True
-        self._cancel_timer()
+        self.deadline.cancel()
         self.flow.close()
         if self._parsing is not None and self._parsing.body is not None:
             self._parsing.body.set_exception(err)
         for req in self.pending:
             if isinstance(req, Request) and req.body is not None:
                 req.body.set_exception(err)
-        if self.current is not None and self.current.body is not None:
-            self.current.body.set_exception(err)
+        current = self.current
+        if current is not None and current.body is not None:
+            current.body.set_exception(err)
 
     def pause_writing(self) -> None:
         self.flow.pause()
-        if self.relay is not None:
-            self.relay.client_paused_writing()
 
     def resume_writing(self) -> None:
         self.flow.resume()
-        if self.relay is not None:
-            self.relay.client_resumed_writing()
 
     def eof_received(self) -> bool | None:
         self.writes.flush()  # whatever happens next, what we wrote goes first
-        if self.relay is not None:
-            self.relay.client_eof()
-            return True  # keep our sending half open: half-close
         if self._parsing is not None and self._parsing.body is not None:
             self._parsing.body.set_exception(ConnectionResetError("client closed mid-body"))
-        if self.current is not None and self.current.abort_on_client_eof:
+        current = self.current
+        if current is not None and current.abort_on_client_eof:
             return None  # closes the transport: the handler is cancelled as for a lost client
-        if self.current is not None or self.pending:
+        if current is not None or self.pending:
             # The client may half-close after its requests and still read the
             # answers: every request received before the FIN is answered.
             self.client_eof = True
@@ -176,10 +147,6 @@ class ClientConnection(asyncio.Protocol):
         return None
 
     def data_received(self, data: bytes) -> None:
-        relay = self.relay
-        if relay is not None:
-            relay.from_client(data)
-            return
         if self._parse_stopped:
             self._upgrade_tail += data
             return
@@ -215,7 +182,7 @@ class ClientConnection(asyncio.Protocol):
         self._expect_continue = False
         self._host = None
         self._rid = None
-        self._arm(self.settings.read_timeout, _READ_TIMER)
+        self.deadline.arm(self.settings.read_timeout, READ)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -277,14 +244,18 @@ class ClientConnection(asyncio.Protocol):
             chunked=self._chunked,
         )
         self._parsing = req
-        self._disarm()
+        self.deadline.disarm()
         self.pending.append(req)
         if len(self.pending) > MAX_PIPELINED:
             self._pause_reading()
         self._wake_server()
 
     def _continue_hook(self) -> Callable[[], None] | None:
-        return self.send_continue if self._expect_continue else None
+        return self._send_continue if self._expect_continue else None
+
+    def _send_continue(self) -> None:
+        if self.exchange is not None:
+            self.exchange.send_continue()
 
     def on_body(self, body: bytes) -> None:
         req = self._parsing
@@ -320,39 +291,10 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- timers --------------------------------------------------------------
 
-    def _arm(self, delay: float, kind: int) -> None:
-        if delay <= 0:
-            self._deadline_kind = _NO_TIMER
+    def _on_deadline(self, kind: int) -> None:
+        if self.closed:
             return
-        deadline = self.loop.time() + delay
-        self._deadline = deadline
-        self._deadline_kind = kind
-        if self._timer is None or deadline < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-
-    def _disarm(self) -> None:
-        self._deadline_kind = _NO_TIMER
-
-    def _cancel_timer(self) -> None:
-        self._deadline_kind = _NO_TIMER
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        kind = self._deadline_kind
-        if kind == _NO_TIMER or self.closed:
-            return
-        if self.loop.time() < self._deadline:
-            self._timer_at = self._deadline
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
-            return
-        self._deadline_kind = _NO_TIMER
-        if kind == _READ_TIMER:
+        if kind == READ:
             self._on_read_timeout()
         else:
             self._on_idle_timeout()
@@ -399,7 +341,7 @@ class ClientConnection(asyncio.Protocol):
                         self.close()
                         return
                     if not self._in_head:
-                        self._arm(self.settings.idle_timeout, _IDLE_TIMER)
+                        self.deadline.arm(self.settings.idle_timeout, IDLE)
                     self._more = self.loop.create_future()
                     await self._more
                     self._more = None
@@ -408,9 +350,7 @@ class ClientConnection(asyncio.Protocol):
                 if self._reading_paused and not self._parse_stopped and len(self.pending) <= MAX_PIPELINED // 2:
                     self._resume_reading()
                 if isinstance(item, ParseFailure):
-                    self._begin(None)
-                    self.send_error(item.error, close=True)
-                    self.current = None
+                    Exchange(self, None).send_error(item.error, close=True)
                     self.close()
                     return
                 if not await self._serve_one(item):
@@ -419,39 +359,37 @@ class ClientConnection(asyncio.Protocol):
             self._serving = None
             self._more = None
 
-    def _begin(self, req: Request | None) -> None:
-        self.current = req
-        self.response_started = False
-        self.status = 0
-        self.bytes_out = 0
-        self._continue_sent = False
+    @property
+    def current(self) -> Request | None:
+        """The request being answered."""
+        return self.exchange.request if self.exchange is not None else None
 
     async def _serve_one(self, req: Request) -> bool:
         """Answer one request; whether the connection may serve another."""
-        self._begin(req)
+        ex = self.exchange = Exchange(self, req)
         try:
-            await self.app.handle(req, self)
+            await self.app.handle(req, ex)
         except HttpError as exc:
-            if self.response_started:
+            if ex.response_started:
                 self.abort()
             else:
-                self.send_error(exc, close=req.body is not None and not req.body.finished_receiving)
+                ex.send_error(exc, close=req.body is not None and not req.body.finished_receiving)
         except (ConnectionError, WriteStalled, asyncio.TimeoutError) as exc:
             log.debug("connection %s: %s", self.peer_ip, exc)
             self.abort()
         except asyncio.CancelledError:
             self.abort()
-            self.app.request_done(req, self)
+            self.app.request_done(req, ex)
             raise
         except Exception:
             log.exception("handler failed for %s %s", req.method, req.target[:200])
-            if self.response_started:
+            if ex.response_started:
                 self.abort()
             else:
-                self.send_error(HttpError("internal error"), close=True)
-        self.app.request_done(req, self)
-        self.current = None
-        if self.closed or self.relay is not None:
+                ex.send_error(HttpError("internal error"), close=True)
+        self.app.request_done(req, ex)
+        self.exchange = None
+        if self.closed or self.detached:
             return False
         if req.upgrade or req.method == "CONNECT":
             # After CONNECT/Upgrade the bytes that follow are not HTTP: this
@@ -467,61 +405,19 @@ class ClientConnection(asyncio.Protocol):
             return False
         return True
 
-    # ---- response API for handlers ------------------------------------------
+    # ---- writing (for the exchange) ---------------------------------------------
 
-    def send_continue(self) -> None:
-        """Tell a client waiting on `Expect: 100-continue` to send its body."""
-        req = self.current
-        if req is not None and req.expect_continue and not self._continue_sent and not self.response_started:
-            self._continue_sent = True
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    def write(self, data: bytes) -> bool:
+        """Queue `data` for the client; False when the connection is gone."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return False
+        self.writes.write(transport, data)
+        return True
 
-    def start_response(self, status: int, headers: Headers, *, close: bool = False) -> bytes:
-        """The response head's bytes (request id and connection headers added).
-
-        The caller writes them, usually joined with the first body bytes.
-        """
-        req = self.current
-        self.response_started = True
-        self.status = status
-        if close:
-            self.close_after = True
-        if req is None:
-            tail = b"X-Request-ID: %s\r\nConnection: close\r\n" % new_request_id().encode("ascii")
-            return render_head(b"1.1", status, headers, tail)
-        if self.close_after or not req.keep_alive or self.draining or (self.client_eof and not self.pending):
-            connection = b"Connection: close\r\n"
-        elif req.version == b"1.0":
-            connection = b"Connection: keep-alive\r\n"
-        else:
-            connection = b""
-        tail = b"X-Request-ID: %s\r\n%s%s" % (req.request_id.encode("ascii"), req.extra_head, connection)
-        return render_head(b"1.1" if req.version == b"1.1" else b"1.0", status, headers, tail)
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.bytes_out += len(data)
-            self.writes.write(self.transport, data)
-
-    async def drain(self) -> None:
-        await self.flow.drain(self.settings.write_timeout)
-
-    def send(self, status: int, headers: Headers, body: bytes = b"", *, close: bool = False) -> None:
-        """A whole response with a Content-Length body."""
-        req = self.current
-        head_only = req is not None and req.method == "HEAD"
-        head = self.start_response(status, headers + [(b"Content-Length", str(len(body)).encode())], close=close)
-        self.write(head if head_only or not body else head + body)
-
-    def send_error(self, error: Exception, *, close: bool = False) -> None:
-        status = error.status if isinstance(error, HttpError) else 500
-        reason = error.reason if isinstance(error, HttpError) else "internal error"
-        headers: Headers = [(b"Content-Type", b"text/plain; charset=utf-8")]
-        if isinstance(error, HttpError):
-            headers += error.headers
-        if self.current is not None:
-            self.current.error = reason
-        self.send(status, headers, reason.encode("utf-8", "replace") + b"\n", close=close)
+    def ends_after_response(self, req: Request) -> bool:
+        """Whether the response to `req` is this connection's last (it says `Connection: close`)."""
+        return self.close_after or not req.keep_alive or self.draining or (self.client_eof and not self.pending)
 
     # ---- handing the connection to another process ------------------------------
 
@@ -538,8 +434,9 @@ class ClientConnection(asyncio.Protocol):
             or self.pending
             or self._in_head
             or self._parse_stopped
-            or self.response_started
-            or self.current is not req
+            or self.exchange is None
+            or self.exchange.request is not req
+            or self.exchange.response_started
             or (body is not None and (req.chunked or not body.untouched))
             or transport.get_extra_info("sslcontext") is not None
         ):
@@ -567,37 +464,34 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()  # our descriptor only: the other process's keeps the connection open
 
-    # ---- relay mode (CONNECT) ------------------------------------------------
+    # ---- the end of HTTP on this socket (CONNECT) ---------------------------------
 
-    def take_upgrade_tail(self) -> bytes:
+    def detach(self, protocol: asyncio.BaseProtocol) -> bytes:
+        """Give the transport to `protocol`; the bytes that followed the request head are returned.
+
+        From now on the transport calls `protocol`, which must pass
+        `connection_lost` on to this connection (the bookkeeping of a closed
+        client). The exchange stays open until its handler returns, so
+        shutdown still waits for the tunnel.
+        """
+        assert self.transport is not None
+        self.detached = True
+        self.deadline.cancel()
+        self.transport.set_protocol(protocol)
         tail, self._upgrade_tail = self._upgrade_tail, b""
+        self._resume_reading()  # data arrives in a later loop pass: the caller forwards `tail` first
         return tail
 
-    def become_relay(self, sink: RelaySink) -> None:
-        """From now on every byte from the client goes to `sink`."""
-        self.relay = sink
-        self._disarm()
-        tail = self.take_upgrade_tail()
-        if tail:
-            sink.from_client(tail)
-        self._resume_reading()
+    # ---- closing -------------------------------------------------------------
 
     def write_eof(self) -> bool:
         """Half-close towards the client, after everything written; False if it cannot be done."""
         transport = self.transport
-        if transport is None or not transport.can_write_eof():
+        if transport is None or self.closed or not transport.can_write_eof():
             return False
         self.writes.flush()
         transport.write_eof()
         return True
-
-    def pause_client_reading(self) -> None:
-        self._pause_reading()
-
-    def resume_client_reading(self) -> None:
-        self._resume_reading()
-
-    # ---- closing -------------------------------------------------------------
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -616,8 +510,8 @@ class ClientConnection(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        """Handling a request, holding queued ones, or relaying a tunnel."""
-        return self.current is not None or bool(self.pending) or self.relay is not None
+        """Handling a request (a tunnel's CONNECT lasts as long as the tunnel) or holding queued ones."""
+        return self.exchange is not None or bool(self.pending)
 
 
 class _ExpectationFailed(HttpError):

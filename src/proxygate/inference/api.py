@@ -19,7 +19,7 @@ from .sse import SseWriter
 from .tenancy import TenantGate
 
 if TYPE_CHECKING:
-    from ..http.connection import ClientConnection
+    from ..http.exchange import Exchange
 
 
 def parse_generation(
@@ -54,8 +54,8 @@ class SeedInferenceApi:
         self.max_tokens_limit = max_tokens_limit
         self.max_prompt_bytes = max_prompt_bytes
 
-    async def handle(self, req: Request, conn: ClientConnection) -> None:
-        body = await read_json_body(req, within=conn.settings.read_timeout)
+    async def handle(self, req: Request, ex: Exchange) -> None:
+        body = await read_json_body(req, within=ex.settings.read_timeout)
         req.abort_on_client_eof = True
         gen = parse_generation(
             body,
@@ -65,7 +65,7 @@ class SeedInferenceApi:
             header_priority=req.header(b"x-priority"),
         )
         admission = await self.tenants.admit(req, gen)
-        sse = SseWriter(conn, req)
+        sse = SseWriter(ex, req)
         stream = self.service.stream(gen)  # an async generator: closed below whatever happens
         try:
             async for resp in stream:

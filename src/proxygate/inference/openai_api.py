@@ -20,7 +20,7 @@ from .sse import SseWriter
 from .tenancy import TenantGate
 
 if TYPE_CHECKING:
-    from ..http.connection import ClientConnection
+    from ..http.exchange import Exchange
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 _ERROR_TYPES = {
@@ -74,26 +74,26 @@ class OpenAiApi:
 
     # ---- routes ----------------------------------------------------------------
 
-    async def models(self, req: Request, conn: ClientConnection) -> None:
+    async def models(self, req: Request, ex: Exchange) -> None:
         names = self.service.served_names()
         data = [{"id": n, "object": "model", "created": 0, "owned_by": "proxygate"} for n in names]
-        conn.send(200, [(b"Content-Type", b"application/json")], _dumps({"object": "list", "data": data}).encode())
+        ex.send(200, [(b"Content-Type", b"application/json")], _dumps({"object": "list", "data": data}).encode())
 
-    async def completions(self, req: Request, conn: ClientConnection) -> None:
-        await self._guarded(req, conn, chat=False)
+    async def completions(self, req: Request, ex: Exchange) -> None:
+        await self._guarded(req, ex, chat=False)
 
-    async def chat_completions(self, req: Request, conn: ClientConnection) -> None:
-        await self._guarded(req, conn, chat=True)
+    async def chat_completions(self, req: Request, ex: Exchange) -> None:
+        await self._guarded(req, ex, chat=True)
 
-    async def _guarded(self, req: Request, conn: ClientConnection, *, chat: bool) -> None:
+    async def _guarded(self, req: Request, ex: Exchange, *, chat: bool) -> None:
         try:
-            await self._generate(req, conn, chat=chat)
+            await self._generate(req, ex, chat=chat)
         except HttpError as exc:
-            if conn.response_started:
+            if ex.response_started:
                 raise
             req.error = exc.reason
             headers = [(b"Content-Type", b"application/json"), *exc.headers]
-            conn.send(exc.status, headers, error_body(exc.status, exc.reason))
+            ex.send(exc.status, headers, error_body(exc.status, exc.reason))
 
     # ---- request parsing ----------------------------------------------------------
 
@@ -163,8 +163,8 @@ class OpenAiApi:
 
     # ---- generation ----------------------------------------------------------------
 
-    async def _generate(self, req: Request, conn: ClientConnection, *, chat: bool) -> None:
-        body = await read_json_body(req, within=conn.settings.read_timeout)
+    async def _generate(self, req: Request, ex: Exchange, *, chat: bool) -> None:
+        body = await read_json_body(req, within=ex.settings.read_timeout)
         gen, stream = self._parse(body, req, chat)
         admission = await self.tenants.admit(req, gen)
         req.abort_on_client_eof = True
@@ -177,7 +177,7 @@ class OpenAiApi:
             "model": gen.model,
         }
         outcome = _Outcome()
-        sse = SseWriter(conn, req) if stream else None
+        sse = SseWriter(ex, req) if stream else None
         tokens = self.service.stream(gen)
         routed = False
         try:
@@ -253,4 +253,4 @@ class OpenAiApi:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": outcome.finish_reason}
             obj = {**base, "choices": [choice], "usage": outcome.usage()}
-        conn.send(200, [(b"Content-Type", b"application/json")], _dumps(obj).encode())
+        ex.send(200, [(b"Content-Type", b"application/json")], _dumps(obj).encode())

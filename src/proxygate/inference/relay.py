@@ -31,6 +31,7 @@ from ..proxy.upstream import ResponseHead, UpstreamPool
 if TYPE_CHECKING:
     from ..config import GatewaySettings
     from ..http.connection import ClientConnection
+    from ..http.exchange import Exchange
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
@@ -77,10 +78,10 @@ class InferenceRelay(Forwarder):
         head.headers = [h for h in head.headers if h[0].lower() != b"x-request-id"]
         return super().response_headers(req, head)
 
-    async def handle(self, req: Request, conn: ClientConnection) -> None:
+    async def handle(self, req: Request, ex: Exchange) -> None:
         req.abort_on_client_eof = True
         target = Target(b"http://inference-plane" + req.target)
-        await self.forward(req, target, conn)
+        await self.forward(req, target, ex)
 
     def close(self) -> None:
         self.pool.close_all()
@@ -95,7 +96,7 @@ class RelayedApi:
         writes: WriteBatch,
         api: ApiRouter,
         track: Tracker,
-        log_request: Callable[[Request, ClientConnection], None],
+        log_request: Callable[[Request, Exchange], None],
     ) -> None:
         self.settings = settings
         self.writes = writes
@@ -103,19 +104,19 @@ class RelayedApi:
         self.track = track
         self.log_request = log_request
 
-    async def handle(self, req: Request, conn: ClientConnection) -> None:
+    async def handle(self, req: Request, ex: Exchange) -> None:
         client = req.header(CLIENT_HEADER)
         if client is not None:
             req.peer_ip = client.decode("latin-1")
         tenant = req.header(TENANT_HEADER)
         if tenant is not None:
             req.tenant = tenant.decode("latin-1")  # authenticated by the relaying process
-        await self.api.dispatch(req, origin_path(req.target), conn)
+        await self.api.dispatch(req, origin_path(req.target), ex)
 
-    def request_done(self, req: Request, conn: ClientConnection) -> None:
+    def request_done(self, req: Request, ex: Exchange) -> None:
         # Counted in the metrics where the client connected; logged here,
         # where the route, model and token usage are known.
-        self.log_request(req, conn)
+        self.log_request(req, ex)
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self.track.track(conn)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from ..http.message import Headers, Request
 
 if TYPE_CHECKING:
-    from ..http.connection import ClientConnection
+    from ..http.exchange import Exchange
 
 SSE_HEADERS: Headers = [
     (b"Content-Type", b"text/event-stream"),
@@ -26,8 +26,8 @@ def encode_event(data: str, event: str | None = None) -> bytes:
 class SseWriter:
     """Writes events; the response head goes out with the first one."""
 
-    def __init__(self, conn: ClientConnection, req: Request) -> None:
-        self.conn = conn
+    def __init__(self, ex: Exchange, req: Request) -> None:
+        self.ex = ex
         self.chunked = req.version == b"1.1"
         self.started = False
         self.ended = False
@@ -42,9 +42,9 @@ class SseWriter:
             headers = list(SSE_HEADERS)
             if self.chunked:
                 headers.append((b"Transfer-Encoding", b"chunked"))
-            out = self.conn.start_response(200, headers, close=not self.chunked) + out
-        self.conn.write(out)
-        await self.conn.drain()
+            out = self.ex.start_response(200, headers, close=not self.chunked) + out
+        self.ex.write(out)
+        await self.ex.drain()
 
     async def send(self, data: str, event: str | None = None) -> None:
         await self.send_raw(encode_event(data, event))
@@ -56,4 +56,4 @@ class SseWriter:
         if self.started and not self.ended:
             self.ended = True
             if self.chunked:
-                self.conn.write(b"0\r\n\r\n")
+                self.ex.write(b"0\r\n\r\n")

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
-from ..errors import BadRequest
+from ..errors import BadRequest, DestinationDenied, HttpError
+from ..http.exchange import Exchange
 from ..http.message import Request
+from ..observability.metrics import GatewayMetrics
+from ..policy.blocklist import BlocklistFile
 from .dial import Dialer
 from .tunnel import Tunnel
-
-if TYPE_CHECKING:
-    from ..http.connection import ClientConnection
 
 _AUTHORITY = re.compile(r"(?:\[([0-9A-Fa-f:.%\w]+)\]|([^:\[\]/@\s]+)):(\d{1,5})")
 
@@ -31,16 +30,56 @@ def parse_authority(target: bytes) -> tuple[str, int]:
     return (match.group(1) or match.group(2)).lower().rstrip("."), port
 
 
-async def open_tunnel(
-    req: Request, host: str, port: int, conn: ClientConnection, dialer: Dialer, idle_timeout: float
-) -> Tunnel:
-    """Dial host:port, answer 200, and start relaying; the caller awaits `tunnel.done`."""
-    tunnel = Tunnel(conn, idle_timeout)
-    await dialer.open(host, port, lambda: tunnel)
-    conn.response_started = True
-    conn.status = 200
-    conn.write(
-        b"HTTP/1.1 200 Connection established\r\nX-Request-ID: %s\r\n%s\r\n" % (req.request_id.encode(), req.extra_head)
-    )
-    tunnel.start()
-    return tunnel
+class ConnectHandler:
+    """Answers CONNECT: blocklist, destination port, dial, 200, relay until the tunnel ends.
+
+    Who may connect and how often is decided before (the gateway's access
+    and rate-limit policies); the destination address is checked by the
+    dialer when it resolves the host.
+    """
+
+    def __init__(self, blocklist: BlocklistFile, dialer: Dialer, metrics: GatewayMetrics, idle_timeout: float) -> None:
+        self.blocklist = blocklist
+        self.dialer = dialer
+        self.metrics = metrics
+        self.idle_timeout = idle_timeout
+
+    async def handle(self, req: Request, ex: Exchange, host: str, port: int) -> None:
+        ex.close_when_done()
+        metrics = self.metrics
+        if self.blocklist.current.is_blocked(host):
+            metrics.blocked.inc()
+            ex.send(403, [])
+            return
+        try:
+            self.dialer.policy.check_connect_port(port)
+            tunnel = await self.open(req, ex, host, port)
+        except DestinationDenied:
+            metrics.denied.labels("connect").inc()
+            metrics.tunnels.labels("denied").inc()
+            raise
+        except HttpError:
+            metrics.tunnels.labels("dial_failed").inc()
+            raise
+        metrics.active_tunnels.inc()
+        try:
+            why = await tunnel.done
+        finally:
+            metrics.active_tunnels.dec()
+            metrics.tunnel_bytes.labels("up").inc(tunnel.bytes_up)
+            metrics.tunnel_bytes.labels("down").inc(tunnel.bytes_down)
+        metrics.tunnels.labels("idle_timeout" if why == "idle timeout" else "closed").inc()
+        ex.relayed(tunnel.bytes_down)
+        req.content_length = tunnel.bytes_up
+
+    async def open(self, req: Request, ex: Exchange, host: str, port: int) -> Tunnel:
+        """Dial host:port, answer 200, and start relaying; the caller awaits `tunnel.done`."""
+        tunnel = Tunnel(ex.conn, self.idle_timeout)
+        await self.dialer.open(host, port, lambda: tunnel.upstream_side)
+        ex.start_raw(
+            200,
+            b"HTTP/1.1 200 Connection established\r\nX-Request-ID: %s\r\n%s\r\n"
+            % (req.request_id.encode(), req.extra_head),
+        )
+        tunnel.start()
+        return tunnel

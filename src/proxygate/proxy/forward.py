@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import html
-from typing import TYPE_CHECKING
 
 import httptools
 
-from ..errors import BadGateway, BadRequest, GatewayTimeout, RequestTimeout
+from ..errors import BadGateway, BadRequest, DestinationDenied, GatewayTimeout, HttpError, RequestTimeout
+from ..http.exchange import Exchange
 from ..http.message import Headers, Request
+from ..observability.metrics import GatewayMetrics
+from ..policy.blocklist import BlocklistFile
+from .dial import Dialer
 from .headers import HOP_BY_HOP, end_to_end, without_named
 from .upstream import ResponseHead, UpstreamClosed, UpstreamConnection, UpstreamPool
-
-if TYPE_CHECKING:
-    from ..http.connection import ClientConnection
 
 # After the first read timeout, an upload must have averaged at least this.
 MIN_UPLOAD_RATE = 1024
@@ -85,6 +85,40 @@ def block_page(host: str) -> bytes:
     ).encode()
 
 
+class ForwardProxy:
+    """Answers absolute-form requests: the blocklist and the destination port, then the origin.
+
+    Who may use the proxy and how often is decided before (the gateway's
+    access and rate-limit policies); the destination address is checked by
+    the dialer when it resolves the host.
+    """
+
+    def __init__(self, blocklist: BlocklistFile, dialer: Dialer, forwarder: Forwarder, metrics: GatewayMetrics) -> None:
+        self.blocklist = blocklist
+        self.dialer = dialer
+        self.forwarder = forwarder
+        self.metrics = metrics
+
+    async def handle(self, req: Request, ex: Exchange, target: Target) -> None:
+        if self.blocklist.current.is_blocked(target.host):
+            self.metrics.blocked.inc()
+            ex.send(403, [(b"Content-Type", b"text/html; charset=utf-8")], block_page(target.host))
+            return
+        if req.upgrade:
+            # Protocol upgrades are not relayed: the request goes through as
+            # plain HTTP, and the connection ends after it.
+            ex.close_when_done()
+        try:
+            self.dialer.policy.check_http_port(target.port)
+            await self.forwarder.forward(req, target, ex)
+        except DestinationDenied:
+            self.metrics.denied.labels("destination").inc()
+            raise
+        except HttpError as exc:
+            self.metrics.upstream_errors.labels(str(exc.status)).inc()
+            raise
+
+
 class Forwarder:
     # Request headers not copied (besides hop-by-hop ones), and extra header
     # lines the request carries; the response header added on the way back.
@@ -118,19 +152,19 @@ class Forwarder:
             headers.append(self.via)
         return headers
 
-    async def forward(self, req: Request, target: Target, conn: ClientConnection) -> None:
+    async def forward(self, req: Request, target: Target, ex: Exchange) -> None:
         head_bytes = self.request_head(req, target)
-        upstream, head = await self._exchange(req, target, head_bytes, conn)
+        upstream, head = await self._exchange(req, target, head_bytes, ex)
         try:
-            await self._relay_response(req, upstream, head, conn)
+            await self._relay_response(req, upstream, head, ex)
         finally:
-            if upstream.complete and not conn.closed:
+            if upstream.complete and not ex.client_gone:
                 self.pool.release(upstream)
             else:
                 upstream.abort()
 
     async def _exchange(
-        self, req: Request, target: Target, head_bytes: bytes, conn: ClientConnection
+        self, req: Request, target: Target, head_bytes: bytes, ex: Exchange
     ) -> tuple[UpstreamConnection, ResponseHead]:
         retryable = req.body is None and req.method in IDEMPOTENT
         for attempt in (0, 1):
@@ -139,7 +173,7 @@ class Forwarder:
                 response = upstream.begin(head_only=req.method == "HEAD")
                 upstream.write(head_bytes)
                 if req.body is not None:
-                    await self._send_body(req, upstream, conn, response)
+                    await self._send_body(req, upstream, ex, response)
                 if not response.done():
                     await _with_deadline(response, self.read_timeout)
                 return upstream, response.result()
@@ -162,13 +196,13 @@ class Forwarder:
         self,
         req: Request,
         upstream: UpstreamConnection,
-        conn: ClientConnection,
+        ex: Exchange,
         response: asyncio.Future[ResponseHead],
     ) -> None:
         body = req.body
         assert body is not None
         chunked = req.chunked or req.content_length is None
-        write_timeout = conn.settings.write_timeout
+        write_timeout = ex.settings.write_timeout
         loop = asyncio.get_running_loop()
         started = loop.time()
         while not response.done():
@@ -190,7 +224,7 @@ class Forwarder:
             upstream.write(b"0\r\n\r\n")
 
     async def _relay_response(
-        self, req: Request, upstream: UpstreamConnection, head: ResponseHead, conn: ClientConnection
+        self, req: Request, upstream: UpstreamConnection, head: ResponseHead, ex: Exchange
     ) -> None:
         headers = self.response_headers(req, head)
         body = upstream.body
@@ -207,9 +241,9 @@ class Forwarder:
             headers.append((b"Transfer-Encoding", b"chunked"))
         else:
             close = True  # an HTTP/1.0 client reads to the end of the connection
-        out = conn.start_response(head.status, headers, close=close)
+        out = ex.start_response(head.status, headers, close=close)
         if no_body:
-            conn.write(out)
+            ex.write(out)
             return
         data = body.read_nowait()
         if body.complete:
@@ -219,7 +253,7 @@ class Forwarder:
                 out += b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n"
             else:
                 out += data
-            conn.write(out)
+            ex.write(out)
             return
         read_timeout = self.read_timeout
         while True:
@@ -228,20 +262,20 @@ class Forwarder:
             elif body.at_eof:
                 break
             if out:
-                conn.write(out)
+                ex.write(out)
                 out = b""
-                await conn.drain()
+                await ex.drain()
             try:
                 data = await body.read(read_timeout)
             except asyncio.TimeoutError:
-                conn.status = 504  # for the log and metrics: the client got a cut response
+                ex.cut_short(504)  # for the log and metrics: the client got a cut response
                 raise GatewayTimeout("upstream stalled mid-response") from None
             except UpstreamClosed:
-                conn.status = 502  # an invalid chunk or a close mid-body is not a 200 in the log
+                ex.cut_short(502)  # an invalid chunk or a close mid-body is not a 200 in the log
                 raise
             if not data:
                 break
         if chunked:
             out += b"0\r\n\r\n"
         if out:
-            conn.write(out)
+            ex.write(out)

@@ -1,7 +1,9 @@
 """CONNECT tunnels: after `200`, bytes flow both ways until both sides are done.
 
-The relay is two protocol objects writing into each other's transports, with
-no task in between: a full write buffer on one side pauses reading on the
+The relay is two protocol objects, one on each socket, writing into each
+other's transports with no task in between: the client's socket leaves HTTP
+(`ClientConnection.detach`) for `ClientSide`, the upstream one is dialled
+with `UpstreamSide`. A full write buffer on one side pauses reading on the
 other (flow control), an EOF from one side becomes a half-close towards the
 other, and a tunnel with no bytes either way for the idle timeout is closed.
 """
@@ -12,94 +14,48 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+from ..http.write_batch import WriteBatch
+
 if TYPE_CHECKING:
     from ..http.connection import ClientConnection
 
 
-class Tunnel(asyncio.Protocol):
-    """The upstream side of a tunnel and the sink of the client side."""
+class Tunnel:
+    """Both ends of one tunnel, its byte counts, and `done` (why it ended)."""
 
     def __init__(self, client: ClientConnection, idle_timeout: float) -> None:
         self.client = client
+        self.writes: WriteBatch = client.writes
         self.idle_timeout = idle_timeout
         self.upstream: asyncio.Transport | None = None
+        self.client_transport: asyncio.Transport | None = None
+        self.upstream_side = UpstreamSide(self)
         self.bytes_up = 0  # client → upstream
         self.bytes_down = 0  # upstream → client
         self.done: asyncio.Future[str] = client.loop.create_future()
-        self._client_eof = False
-        self._upstream_eof = False
-        self._last_activity = time.monotonic()
+        self.client_eof = False
+        self.upstream_eof = False
+        self.last_activity = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
 
-    # ---- upstream transport callbacks ---------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.upstream = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.bytes_down += len(data)
-        self._last_activity = time.monotonic()
-        self.client.write(data)
-
-    def eof_received(self) -> bool:
-        self._upstream_eof = True
-        if self._client_eof or not self.client.write_eof():
-            self._finish("closed")
-            return False
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._finish("upstream error" if exc else "closed")
-
-    def pause_writing(self) -> None:
-        self.client.pause_client_reading()
-
-    def resume_writing(self) -> None:
-        self.client.resume_client_reading()
-
-    # ---- client side (RelaySink) ---------------------------------------------
-
     def start(self) -> None:
-        """The 200 is sent: relay from now on, watching for idleness."""
-        self.client.become_relay(self)
+        """The 200 is written: take the client's socket and relay from now on, watching for idleness."""
+        self.client_transport = self.client.transport
+        side = ClientSide(self)
+        tail = self.client.detach(side)
+        if tail:
+            side.data_received(tail)
         if self.idle_timeout > 0:
             self._timer = self.client.loop.call_later(self.idle_timeout, self._check_idle)
 
-    def from_client(self, data: bytes) -> None:
-        self.bytes_up += len(data)
-        self._last_activity = time.monotonic()
-        if self.upstream is not None:
-            self.upstream.write(data)
-
-    def client_eof(self) -> None:
-        self._client_eof = True
-        upstream = self.upstream
-        if self._upstream_eof or upstream is None or not upstream.can_write_eof():
-            self._finish("closed")
-        else:
-            upstream.write_eof()
-
-    def client_lost(self) -> None:
-        self._finish("client closed")
-
-    def client_paused_writing(self) -> None:
-        if self.upstream is not None:
-            self.upstream.pause_reading()
-
-    def client_resumed_writing(self) -> None:
-        if self.upstream is not None and not self.upstream.is_closing():
-            self.upstream.resume_reading()
-
-    # ---- ending ----------------------------------------------------------------
-
     def _check_idle(self) -> None:
-        idle = time.monotonic() - self._last_activity
+        idle = time.monotonic() - self.last_activity
         if idle >= self.idle_timeout:
-            self._finish("idle timeout")
+            self.finish("idle timeout")
         else:
             self._timer = self.client.loop.call_later(self.idle_timeout - idle, self._check_idle)
 
-    def _finish(self, why: str) -> None:
+    def finish(self, why: str) -> None:
         if self.done.done():
             return
         if self._timer is not None:
@@ -108,3 +64,78 @@ class Tunnel(asyncio.Protocol):
             self.upstream.close()
         self.client.close()
         self.done.set_result(why)
+
+
+class UpstreamSide(asyncio.Protocol):
+    """The upstream socket's protocol: its bytes go to the client."""
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.tunnel.upstream = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        tunnel.bytes_down += len(data)
+        tunnel.last_activity = time.monotonic()
+        if tunnel.client_transport is not None and not tunnel.client.closed:
+            tunnel.writes.write(tunnel.client_transport, data)
+
+    def eof_received(self) -> bool:
+        tunnel = self.tunnel
+        tunnel.upstream_eof = True
+        if tunnel.client_eof or not tunnel.client.write_eof():
+            tunnel.finish("closed")
+            return False
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tunnel.finish("upstream error" if exc else "closed")
+
+    def pause_writing(self) -> None:
+        if self.tunnel.client_transport is not None:
+            self.tunnel.client_transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        client = self.tunnel.client_transport
+        if client is not None and not client.is_closing():
+            client.resume_reading()
+
+
+class ClientSide(asyncio.Protocol):
+    """The client socket's protocol once the tunnel is up: its bytes go upstream."""
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        tunnel.bytes_up += len(data)
+        tunnel.last_activity = time.monotonic()
+        if tunnel.upstream is not None:
+            tunnel.upstream.write(data)
+
+    def eof_received(self) -> bool:
+        tunnel = self.tunnel
+        tunnel.writes.flush()  # what we wrote goes before anything that follows
+        tunnel.client_eof = True
+        upstream = tunnel.upstream
+        if tunnel.upstream_eof or upstream is None or not upstream.can_write_eof():
+            tunnel.finish("closed")
+        else:
+            upstream.write_eof()
+        return True  # keep our sending half open: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tunnel.finish("client closed")
+        self.tunnel.client.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.tunnel.upstream is not None:
+            self.tunnel.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        upstream = self.tunnel.upstream
+        if upstream is not None and not upstream.is_closing():
+            upstream.resume_reading()

@@ -1,0 +1,115 @@
+"""One request and its response on a client connection: the API handlers answer through.
+
+A handler gets the `Request` and an `Exchange`. The exchange writes the
+response (a whole one with `send`, or a head from `start_response` and then
+body bytes with `write`/`drain`) and remembers what the access log and the
+metrics need: the status, the bytes written, whether a response started.
+What belongs to the connection (parsing, timers, keep-alive, pipelining)
+stays in `connection.py`; an exchange reaches it only to write and to ask
+for the connection to end after this response.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import HttpError
+from .message import Headers, Request, new_request_id, render_head
+
+if TYPE_CHECKING:
+    from ..config import GatewaySettings
+    from .connection import ClientConnection
+
+
+class Exchange:
+    __slots__ = ("conn", "request", "response_started", "status", "bytes_out", "_continue_sent")
+
+    def __init__(self, conn: ClientConnection, request: Request | None) -> None:
+        self.conn = conn
+        self.request = request  # None when answering bytes that did not parse
+        self.response_started = False
+        self.status = 0  # 0 until a response starts (logged as 499 if none does)
+        self.bytes_out = 0
+        self._continue_sent = False
+
+    @property
+    def settings(self) -> GatewaySettings:
+        return self.conn.settings
+
+    @property
+    def client_gone(self) -> bool:
+        """The client connection is closed: nothing written now reaches anyone."""
+        return self.conn.closed
+
+    def close_when_done(self) -> None:
+        """The connection closes after this response (an Upgrade, a CONNECT, a cut body)."""
+        self.conn.close_after = True
+
+    def send_continue(self) -> None:
+        """Tell a client waiting on `Expect: 100-continue` to send its body."""
+        req = self.request
+        if req is not None and req.expect_continue and not self._continue_sent and not self.response_started:
+            self._continue_sent = True
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def start_response(self, status: int, headers: Headers, *, close: bool = False) -> bytes:
+        """The response head's bytes (request id and connection headers added).
+
+        The caller writes them, usually joined with the first body bytes.
+        """
+        req = self.request
+        conn = self.conn
+        self.response_started = True
+        self.status = status
+        if close:
+            conn.close_after = True
+        if req is None:
+            tail = b"X-Request-ID: %s\r\nConnection: close\r\n" % new_request_id().encode("ascii")
+            return render_head(b"1.1", status, headers, tail)
+        if conn.ends_after_response(req):
+            connection = b"Connection: close\r\n"
+        elif req.version == b"1.0":
+            connection = b"Connection: keep-alive\r\n"
+        else:
+            connection = b""
+        tail = b"X-Request-ID: %s\r\n%s%s" % (req.request_id.encode("ascii"), req.extra_head, connection)
+        return render_head(b"1.1" if req.version == b"1.1" else b"1.0", status, headers, tail)
+
+    def start_raw(self, status: int, head: bytes) -> None:
+        """Write a head the caller rendered whole (CONNECT's `200 Connection established`)."""
+        self.response_started = True
+        self.status = status
+        self.conn.write(head)
+
+    def write(self, data: bytes) -> None:
+        if self.conn.write(data):
+            self.bytes_out += len(data)
+
+    async def drain(self) -> None:
+        """Wait until the client has taken enough of what was written (write-stall timeout applies)."""
+        await self.conn.flow.drain(self.conn.settings.write_timeout)
+
+    def send(self, status: int, headers: Headers, body: bytes = b"", *, close: bool = False) -> None:
+        """A whole response with a Content-Length body."""
+        req = self.request
+        head_only = req is not None and req.method == "HEAD"
+        head = self.start_response(status, headers + [(b"Content-Length", str(len(body)).encode())], close=close)
+        self.write(head if head_only or not body else head + body)
+
+    def send_error(self, error: Exception, *, close: bool = False) -> None:
+        status = error.status if isinstance(error, HttpError) else 500
+        reason = error.reason if isinstance(error, HttpError) else "internal error"
+        headers: Headers = [(b"Content-Type", b"text/plain; charset=utf-8")]
+        if isinstance(error, HttpError):
+            headers += error.headers
+        if self.request is not None:
+            self.request.error = reason
+        self.send(status, headers, reason.encode("utf-8", "replace") + b"\n", close=close)
+
+    def cut_short(self, status: int) -> None:
+        """The response started but could not be completed: log and count it as `status`."""
+        self.status = status
+
+    def relayed(self, bytes_down: int) -> None:
+        """A tunnel ended: what it carried to the client is this exchange's `bytes_out`."""
+        self.bytes_out = bytes_down
