@@ -8,16 +8,20 @@ per request (parse, policies, forward, parse the response, write it, log
 and count it), without the kernel, the client or the origin that share the
 CPU in `proxy_bench.py`. Keep-alive on both sides, as wrk's c=N runs.
 
-    .venv/bin/python bench/hotpath_bench.py [--requests 20000] [--runs 5] [--clients 1]
+    .venv/bin/python bench/hotpath_bench.py [--requests 20000] [--runs 5] [--clients 1] [--connect]
 
 Prints the median CPU microseconds per request over the runs (and each
 run). With `--clients N`, N connections each keep one request in flight.
+With `--connect`, each request is a new client connection that opens a
+CONNECT tunnel, gets its 200 and closes (the tunnel's upstream closes in
+turn): the Python cost of a tunnel's life, without the socket calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import os
 import statistics
@@ -32,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from proxygate.config import GatewaySettings  # noqa: E402
 from proxygate.http.connection import ClientConnection  # noqa: E402
 from proxygate.observability.logging import AccessLog  # noqa: E402
+from proxygate.proxy import dial  # noqa: E402
 from proxygate.wiring import build_gateway  # noqa: E402
 
 REQUEST = b"GET http://origin.test/small HTTP/1.1\r\nHost: origin.test\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
@@ -40,6 +45,11 @@ RESPONSE = (
     b"Content-Type: text/plain\r\nContent-Length: 39\r\nConnection: keep-alive\r\n\r\n"
     b"0123456789012345678901234567890123456\r\n"
 )
+
+
+def bench_settings() -> GatewaySettings:
+    """The defaults, with the memory rate limiter checking every request against a budget the load never exhausts."""
+    return dataclasses.replace(GatewaySettings(), rate_limit=10**9, rate_burst=10**9)
 
 
 class Transport:
@@ -89,7 +99,8 @@ class Transport:
 
 
 class FakeOrigin:
-    """The pool's dialer: each connection answers every request head with RESPONSE on the next pass."""
+    """The dialer: each connection answers every request head with RESPONSE on the next pass;
+    a half-close is answered with EOF and the connection's end, as an origin closing does."""
 
     async def open(self, host: str, port: int, factory: Callable[[], Any]) -> tuple[Any, Any]:
         loop = asyncio.get_running_loop()
@@ -99,13 +110,94 @@ class FakeOrigin:
             for _ in range(data.count(b"\r\n\r\n")):
                 loop.call_soon(protocol.data_received, RESPONSE)
 
-        transport = Transport(received, ("127.0.0.2", 80))
+        transport = OriginTransport(received, ("127.0.0.2", 80))
+        transport.protocol = protocol
         protocol.connection_made(transport)
         return transport, protocol
 
 
+class OriginTransport(Transport):
+    def write_eof(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self._origin_closes)
+
+    def _origin_closes(self) -> None:
+        if self.protocol.eof_received() is not True:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+    abort = close
+
+
+class ClientTransport(Transport):
+    """A client socket: closing it tells the protocol on it (which changes when a tunnel starts)."""
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+    abort = close
+
+
+async def connect_once(requests: int) -> float:
+    """CPU per CONNECT tunnel: new client connection, CONNECT, 200, client EOF, origin EOF, both closed."""
+    # The real dialer (address parsing, destination policy, dial timeout) with the socket part faked.
+    settings = dataclasses.replace(bench_settings(), deny_destinations=())
+    devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    gateway = build_gateway(settings, access_log=AccessLog("json", stream=devnull))
+    origin = FakeOrigin()
+
+    async def fake_connect(loop: Any, factory: Callable[[], Any], ip: Any, sockaddr: Any) -> tuple[Any, Any]:
+        return await origin.open(str(ip), sockaddr[1], factory)
+
+    dial._connect = fake_connect  # type: ignore[assignment]
+    gateway.bound(3128)
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    left = [requests]
+    connect = b"CONNECT 127.0.0.2:443 HTTP/1.1\r\nHost: 127.0.0.2:443\r\n\r\n"
+
+    def tunnel() -> None:
+        conn = ClientConnection(gateway)
+
+        def received(data: bytes) -> None:
+            # The 200: the client is done, it half-closes (as the bench's client closes).
+            if not data.startswith(b"HTTP/1.1 200 "):
+                raise SystemExit(f"the tunnel was refused: {data[:80]!r}")
+            loop.call_soon(transport.protocol.eof_received)
+
+        transport = ClientTransport(received, ("127.0.0.1", 40000))
+        transport.protocol = conn
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn.data_received(connect)
+
+    def closed(conn: ClientConnection) -> None:
+        gateway_closed(conn)
+        left[0] -= 1
+        if left[0] > 0:
+            loop.call_soon(tunnel)
+        else:
+            done.set_result(None)
+
+    gateway_closed = gateway.connection_closed
+    gateway.connection_closed = closed  # type: ignore[method-assign]
+    gc.collect()
+    started = time.process_time()
+    tunnel()
+    await done
+    elapsed = time.process_time() - started
+    gateway.access_log.flush()
+    devnull.close()
+    return elapsed / requests * 1e6
+
+
 async def run_once(requests: int, clients: int) -> float:
-    settings = GatewaySettings()
+    settings = bench_settings()
     devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
     gateway = build_gateway(settings, access_log=AccessLog("json", stream=devnull))
     gateway.pool.dialer = FakeOrigin()  # type: ignore[assignment]
@@ -121,6 +213,8 @@ async def run_once(requests: int, clients: int) -> float:
 
         def received(data: bytes) -> None:
             # One write per response here (head and body together): the next request goes now.
+            if not data.startswith(b"HTTP/1.1 200 "):
+                raise SystemExit(f"not a 200: {data[:80]!r}")
             remaining[0] -= 1
             if remaining[0] > 0:
                 loop.call_soon(conn.data_received, REQUEST)
@@ -150,9 +244,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--clients", type=int, default=1)
+    parser.add_argument("--connect", action="store_true", help="CONNECT tunnels, a new connection each")
     args = parser.parse_args()
     import uvloop
 
+    if args.connect:
+        runs = [uvloop.run(connect_once(args.requests)) for _ in range(args.runs)]
+        print(
+            f"CPU per CONNECT tunnel: median {statistics.median(runs):.1f} us "
+            f"(runs: {', '.join(f'{r:.1f}' for r in runs)}; {args.requests} tunnels)"
+        )
+        return
     runs = [uvloop.run(run_once(args.requests, args.clients)) for _ in range(args.runs)]
     print(
         f"CPU per proxied request: median {statistics.median(runs):.1f} us "

@@ -41,6 +41,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_VENV = ROOT / "bench" / ".venv" / "bin"
@@ -125,6 +126,40 @@ http {{
 """
     )
     proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)], stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
+
+
+def start_tls_origin(work: Path) -> tuple[subprocess.Popen, int]:
+    """A second nginx serving /small over TLS (self-signed): the far end of CONNECT tunnels for hey."""
+    port = free_port()
+    tls = work / "tls"
+    tls.mkdir()
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=127.0.0.1", "-keyout", str(tls / "key.pem"), "-out", str(tls / "cert.pem")],
+        check=True,
+        capture_output=True,
+    )
+    conf = tls / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes 1; daemon off; master_process off;
+pid {tls}/nginx.pid; error_log {tls}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off; keepalive_requests 1000000;
+  client_body_temp_path {tls}/cb; proxy_temp_path {tls}/pt; fastcgi_temp_path {tls}/ft;
+  uwsgi_temp_path {tls}/ut; scgi_temp_path {tls}/st;
+  server {{
+    listen 127.0.0.1:{port} ssl backlog=4096;
+    ssl_certificate {tls}/cert.pem; ssl_certificate_key {tls}/key.pem;
+    location = /small {{ return 200 "{SMALL_BODY.strip()}\\n"; }}
+  }}
+}}
+"""
+    )
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tls)], stderr=subprocess.DEVNULL)
     wait_port(port)
     return proc, port
 
@@ -323,6 +358,83 @@ async def tunnel_bulk(proxy_port: int | None, origin_port: int) -> float:
     return got / elapsed / 1e6
 
 
+# ---- load: new connections (hey) ----------------------------------------------------
+
+
+def hey(url: str, proxy_port: int, duration: float, conc: int = 16) -> float:
+    """req/s of `hey -disable-keepalive -x proxy url`: a new client connection per request.
+
+    For an https URL every request is a new CONNECT tunnel with a TLS
+    handshake inside (hey does not verify the origin's certificate)."""
+    cmd = ["hey", "-z", f"{max(1, round(duration))}s", "-c", str(conc), "-disable-keepalive"]
+    cmd += ["-x", f"http://127.0.0.1:{proxy_port}", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60).stdout
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    codes = re.search(r"\[200\]\s+(\d+) responses", out)
+    if match is None or codes is None:
+        raise RuntimeError(f"hey failed: {' '.join(cmd)}\n{out[-2000:]}")
+    return float(match.group(1))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (a multi-process proxy's tree)."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def new_connections(proxies: list[Proxy], origin_port: int, args: argparse.Namespace, work: Path) -> str:
+    """New connections only, `args.new_connections` rounds round-robin over every proxy started at once:
+    CONNECT setups/s (uvloop client), hey through CONNECT to a TLS origin, hey absolute-form
+    with a new connection per request, and each proxy's CPU per CONNECT setup."""
+    tls_proc, tls_port = start_tls_origin(work)
+    small = f"http://127.0.0.1:{origin_port}/small"
+    secure = f"https://127.0.0.1:{tls_port}/small"
+    keys = ("connect", "cpu_us", "hey_tls", "hey_http")
+    runs: dict[str, dict[str, list[float]]] = {p.name: {k: [] for k in keys} for p in proxies}
+    for proxy in proxies:
+        proxy.start(work)
+    try:
+        for _ in range(args.new_connections):
+            for proxy in proxies:
+                assert proxy.proc is not None
+                r = runs[proxy.name]
+                cpu0, t0 = cpu_seconds(proxy.proc.pid), time.monotonic()
+                rate = uvloop_run(connect_rate(proxy.port, origin_port, args.duration))
+                cpu = cpu_seconds(proxy.proc.pid) - cpu0
+                r["connect"].append(rate)
+                r["cpu_us"].append(cpu / (rate * (time.monotonic() - t0)) * 1e6)
+                r["hey_tls"].append(hey(secure, proxy.port, args.duration))
+                r["hey_http"].append(hey(small, proxy.port, args.duration))
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        tls_proc.send_signal(signal.SIGTERM)
+        tls_proc.wait(10)
+    lines = [
+        "| target | CONNECT/s (uvloop client) | CPU µs per CONNECT | hey https via CONNECT req/s "
+        "| hey http, new conn per req req/s |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in runs.items():
+        cells = [f"{statistics.median(r[k]):.0f} ({', '.join(f'{v:.0f}' for v in r[k])})" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def uvloop_run(coro: Any) -> float:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)  # type: ignore[no-any-return]
+
+
 # ---- driver ---------------------------------------------------------------------
 
 
@@ -432,6 +544,9 @@ def main() -> int:
     )
     parser.add_argument("--json", default="", help="also write raw results here")
     parser.add_argument("--interleaved", type=int, default=0, help="only c=64 keep-alive, N rounds round-robin")
+    parser.add_argument(
+        "--new-connections", type=int, default=0, help="only new-connection measures, N rounds round-robin"
+    )
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool):
@@ -442,9 +557,10 @@ def main() -> int:
         work = Path(tmp)
         os.chmod(work, 0o777)
         nginx, origin_port = start_nginx(work)
-        if args.interleaved:
+        if args.interleaved or args.new_connections:
+            run = interleaved if args.interleaved else new_connections
             try:
-                out = interleaved(make_proxies(work, only), origin_port, args, work)
+                out = run(make_proxies(work, only), origin_port, args, work)
             finally:
                 nginx.send_signal(signal.SIGTERM)
                 nginx.wait(10)
