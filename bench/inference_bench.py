@@ -5,9 +5,12 @@
     gRPC call to the same echo worker (p50/p99);
 (b) tokens/s streamed through one gateway process from zero-latency echo
     workers at 64 concurrent streams;
-(c) hf worker (SmolLM2-135M, CPU) tokens/s: one stream vs 8 concurrent streams.
+(c) hf worker (SmolLM2-135M, CPU) tokens/s: one stream vs 8 concurrent streams;
+(d) the token path: 16 concurrent 16-token streams from a zero-latency echo
+    worker, requests/s direct (grpc.aio) vs through one gateway process on
+    both APIs (kept-alive connections), and the gateway's CPU per token.
 
-Run: .venv/bin/python bench/inference_bench.py [--skip-hf]
+Run: .venv/bin/python bench/inference_bench.py [--skip-hf] [--only-tokens]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -227,6 +231,101 @@ async def hf_rate(worker_port: int, streams: int, max_tokens: int) -> float:
     return sum(counts) / elapsed
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def stream_rate(port: int, api: str, streams: int, tokens: int, seconds: float) -> tuple[float, int]:
+    """(requests/s, tokens) of `streams` clients each streaming `tokens`-token requests back to back,
+    on one kept-alive connection each; `api` is "direct" (grpc.aio to the worker), "seed" or "openai"."""
+    prompt = " ".join(["tok"] * (tokens - 1))
+    deadline = time.monotonic() + seconds
+    done = 0
+    seen = 0
+    if api == "direct":
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        stub = pbg.ModelServiceStub(channel)
+        request = pb.GenerateRequest(request_id="b", model="m", prompt=prompt, max_tokens=tokens, temperature=0.0)
+
+        async def one_direct() -> None:
+            nonlocal done, seen
+            while time.monotonic() < deadline:
+                async for msg in stub.Generate(request):
+                    seen += 1 if msg.token else 0
+                done += 1
+
+        start = time.monotonic()
+        await asyncio.gather(*(one_direct() for _ in range(streams)))
+        elapsed = time.monotonic() - start
+        await channel.close()
+        return done / elapsed, seen
+    if api == "seed":
+        path, body, marker = b"/v1/inference", {"prompt": prompt, "max_tokens": tokens}, b'"token":'
+    else:
+        path = b"/v1/chat/completions"
+        body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens, "stream": True}
+        marker = b'"content":'
+    payload = json.dumps(body).encode()
+    head = b"POST %s HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (
+        path,
+        len(payload),
+    )
+
+    async def one_sse() -> None:
+        nonlocal done, seen
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while time.monotonic() < deadline:
+            writer.write(head + payload)
+            data = b""
+            while not data.endswith(b"0\r\n\r\n"):  # the chunked body's end
+                more = await reader.read(65536)
+                if not more:
+                    raise RuntimeError("the gateway closed the connection")
+                data = data[-8:] + more
+                seen += more.count(marker)
+            done += 1
+        writer.close()
+
+    start = time.monotonic()
+    await asyncio.gather(*(one_sse() for _ in range(streams)))
+    return done / (time.monotonic() - start), seen
+
+
+def token_path(args: argparse.Namespace, logs: Path, lines: list[str], procs: list[subprocess.Popen]) -> None:
+    """(d): direct, seed API and OpenAI API interleaved, `args.runs` rounds."""
+    w_port, g_port = free_port(), free_port()
+    procs.append(worker(w_port, logs / "bench-worker-d.log", "--max-concurrency", "64"))
+    gw = gateway(g_port, [w_port], logs / "bench-gw-d.log")
+    procs.append(gw)
+    runs: dict[str, list[tuple[float, float]]] = {"direct": [], "seed": [], "openai": []}
+    for _ in range(args.runs):
+        for api in runs:
+            cpu0 = cpu_seconds(gw.pid)
+            rate, tokens = asyncio.run(stream_rate(w_port if api == "direct" else g_port, api, 16, 16, args.seconds))
+            cpu = cpu_seconds(gw.pid) - cpu0
+            runs[api].append((rate, cpu / tokens * 1e6 if api != "direct" and tokens else float("nan")))
+    direct = statistics.median(r for r, _ in runs["direct"])
+    lines += [
+        "### (d) the token path: 16 concurrent 16-token streams, zero-latency echo worker, kept-alive connections",
+        "",
+        "| path | requests/s (median) | runs | × direct | gateway CPU µs per token (median) |",
+        "|---|---|---|---|---|",
+    ]
+    for api, rs in runs.items():
+        rate = statistics.median(r for r, _ in rs)
+        cpu = statistics.median(c for _, c in rs)
+        cpu_cell = "–" if api == "direct" else f"{cpu:.0f}"
+        lines.append(
+            f"| {api} | {rate:.0f} | {', '.join(f'{r:.0f}' for r, _ in rs)} | {rate / direct:.2f}× | {cpu_cell} |"
+        )
+    lines.append("")
+    for p in procs:
+        p.terminate()
+        p.wait(10)
+    procs.clear()
+
+
 def echo_sections(args: argparse.Namespace, logs: Path, lines: list[str], procs: list[subprocess.Popen]) -> None:
     # (a) one echo worker with a small per-token latency, gateway in front.
     w_port, g_port = free_port(), free_port()
@@ -286,15 +385,19 @@ def main() -> int:
     )
     parser.add_argument("--keep-alive", action="store_true", help="(a) on one kept-alive connection")
     parser.add_argument("--only-hf", action="store_true", help="only (c)")
+    parser.add_argument("--only-tokens", action="store_true", help="only (d)")
     args = parser.parse_args()
     logs = ROOT / "bench" / "out"
     logs.mkdir(exist_ok=True)
     lines: list[str] = []
     procs: list[subprocess.Popen] = []
     try:
-        if not args.only_hf:
+        if args.only_tokens:
+            token_path(args, logs, lines, procs)
+        elif not args.only_hf:
             echo_sections(args, logs, lines, procs)
-        if not args.skip_hf:
+            token_path(args, logs, lines, procs)
+        if not args.skip_hf and not args.only_tokens:
             # (c) the real model, one stream vs 8 concurrent streams.
             w_port = free_port()
             procs.append(

@@ -22,6 +22,9 @@ from ..errors import Forbidden, ProxyAuthRequired, Unauthorized
 from ..http.message import Request
 from .keys import ApiKey, KeyFile, KeyTable, basic_credentials, bearer_token
 
+# Client addresses whose verdict is remembered; the table starts over when full.
+_VERDICTS_MAX = 4096
+
 
 class AccessPolicy:
     def __init__(self, allow_clients: tuple[IPNetwork, ...] | None, keys: KeyFile | None, *, proxy_auth: bool) -> None:
@@ -33,6 +36,9 @@ class AccessPolicy:
         # this saves decoding and hashing them each time.
         self._resolved: dict[bytes, ApiKey | None] = {}
         self._resolved_for: KeyTable | None = None
+        # Client address -> allowed: parsing the address and testing every
+        # range costs microseconds on each request of a connection.
+        self._verdicts: dict[str, bool] = {}
 
     def describe_proxy_access(self) -> str:
         """One line for the start-up log: who may use the forward proxy."""
@@ -42,13 +48,23 @@ class AccessPolicy:
     def client_allowed(self, peer_ip: str) -> bool:
         if self.allow_clients is None:
             return True
+        verdict = self._verdicts.get(peer_ip)
+        if verdict is None:
+            verdict = self._client_in_ranges(peer_ip, self.allow_clients)
+            if len(self._verdicts) >= _VERDICTS_MAX:
+                self._verdicts.clear()
+            self._verdicts[peer_ip] = verdict
+        return verdict
+
+    @staticmethod
+    def _client_in_ranges(peer_ip: str, ranges: tuple[IPNetwork, ...]) -> bool:
         try:
             ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
         except ValueError:
             return False
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        return any(ip in net for net in self.allow_clients)
+        return any(ip in net for net in ranges)
 
     def check_proxy(self, req: Request) -> None:
         """Admit a forward-proxy request or raise 403/407; sets `req.tenant` for a key."""

@@ -43,6 +43,10 @@ class ConnectHandler:
         self.dialer = dialer
         self.metrics = metrics
         self.idle_timeout = idle_timeout
+        # Looked up once: a labelled child costs a lookup (and a lock) per call.
+        self._closed = metrics.tunnels.labels("closed")
+        self._bytes_up = metrics.tunnel_bytes.labels("up")
+        self._bytes_down = metrics.tunnel_bytes.labels("down")
 
     async def handle(self, req: Request, ex: Exchange, host: str, port: int) -> None:
         ex.close_when_done()
@@ -66,9 +70,9 @@ class ConnectHandler:
             why = await tunnel.done
         finally:
             metrics.active_tunnels.dec()
-            metrics.tunnel_bytes.labels("up").inc(tunnel.bytes_up)
-            metrics.tunnel_bytes.labels("down").inc(tunnel.bytes_down)
-        metrics.tunnels.labels("idle_timeout" if why == "idle timeout" else "closed").inc()
+            self._bytes_up.inc(tunnel.bytes_up)
+            self._bytes_down.inc(tunnel.bytes_down)
+        (metrics.tunnels.labels("idle_timeout") if why == "idle timeout" else self._closed).inc()
         ex.relayed(tunnel.bytes_down)
         req.content_length = tunnel.bytes_up
 
