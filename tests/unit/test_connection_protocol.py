@@ -338,6 +338,34 @@ def test_upstream_connections_are_reused_between_requests() -> None:
     run(test)
 
 
+def test_a_head_response_does_not_desynchronise_the_next_response_on_the_pooled_connection() -> None:
+    async def test(clock: VirtualClock) -> None:
+        origin = FakeOrigin()
+        conn, t = connect(forwarding_app(origin))
+        answers = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n",  # HEAD: the 5000 bytes never come
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nthree",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfour",
+        ]
+        for method, answer in zip(("GET", "HEAD", "GET", "GET"), answers, strict=True):
+            conn.data_received(b"%s http://o.test/ HTTP/1.1\r\nHost: o.test\r\n\r\n" % method.encode())
+            await settle()
+            transport, upstream = origin.opened[-1]
+            assert transport.take().startswith(method.encode() + b" / HTTP/1.1")
+            upstream.data_received(answer)
+            await settle()
+            out = t.take()
+            if method == "HEAD":
+                assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\n")  # a head, no body
+            else:
+                ((status, _, body),) = responses(out)
+                assert (status, body) == (200, answer.rpartition(b"\r\n\r\n")[2])
+        assert len(origin.opened) == 1  # one upstream connection served all four
+
+    run(test)
+
+
 def test_a_pooled_connection_the_origin_closed_is_retried_once_on_a_fresh_one() -> None:
     async def test(clock: VirtualClock) -> None:
         origin = FakeOrigin()

@@ -1,9 +1,11 @@
 """Connections to origin servers, and a pool that keeps them alive between requests.
 
-`UpstreamConnection` parses one response at a time with httptools (a fresh
-parser per exchange, so a HEAD response's missing body cannot desynchronise
-the next one). `UpstreamPool` keeps a bounded number of idle connections per
-host:port and hands them out most-recently-used first.
+`UpstreamConnection` parses one response at a time with httptools. A parser
+is reused for the next exchange only when it stopped at a message boundary;
+after a HEAD response (whose announced body never comes) a fresh one starts,
+so the missing body cannot desynchronise the next response. `UpstreamPool`
+keeps a bounded number of idle connections per host:port and hands them out
+most-recently-used first.
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.exchanges = 0
         self._parser: httptools.HttpResponseParser | None = None
+        # A parser that ended at a message boundary, kept for the next exchange
+        # (making one costs about as much as parsing a small response head).
+        self._spare: httptools.HttpResponseParser | None = None
+        self._at_boundary = False
         self._head: asyncio.Future[ResponseHead] | None = None
         self._head_only = False
         self._headers: Headers = []
@@ -82,7 +88,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def begin(self, head_only: bool) -> asyncio.Future[ResponseHead]:
         """Expect one response (after the caller writes a request)."""
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser = self._spare or httptools.HttpResponseParser(self)
+        self._spare = None
+        self._at_boundary = False
         self._head = self._loop.create_future()
         self._head_only = head_only
         self.body = None
@@ -98,6 +106,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def park(self) -> None:
         """Between exchanges: any byte that arrives now is a protocol error."""
+        self._spare = self._parser if self._at_boundary else None
         self._parser = None
         self._head = None
 
@@ -167,6 +176,7 @@ class UpstreamConnection(asyncio.Protocol):
             # the origin is broken or confused. Keep the response we have,
             # never reuse the connection.
             raise UpstreamClosed("upstream sent bytes after a complete response")
+        self._at_boundary = False
         self._headers = []
         self._named = None
         self._content_length = None
@@ -221,6 +231,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._informational:
             self._informational = False
             return
+        self._at_boundary = True
         if self.complete:
             return
         if self.body is not None:
