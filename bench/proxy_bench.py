@@ -204,7 +204,7 @@ class Proxy:
         return rss
 
 
-def make_proxies(work: Path, only: set[str] | None) -> list[Proxy]:
+def make_proxies(work: Path, only: set[str] | None, baseline_src: str = "") -> list[Proxy]:
     proxies: list[Proxy] = []
 
     def want(name: str) -> bool:
@@ -218,6 +218,11 @@ def make_proxies(work: Path, only: set[str] | None) -> list[Proxy]:
             port = free_port()
             argv = gateway_argv(port, *open_policy, *limits, "--workers", processes)
             proxies.append(Proxy(name, argv, port))
+    if baseline_src:
+        # Another checkout's src/ (an earlier commit, say), one process, for before/after in one run.
+        port = free_port()
+        argv = gateway_argv(port, *open_policy, *limits, "--workers", "1")
+        proxies.append(Proxy("proxygate-baseline", argv, port, env={"PYTHONPATH": baseline_src}))
     if want("tinyproxy") and shutil.which("tinyproxy"):
         port = free_port()
         conf = work / "tinyproxy.conf"
@@ -519,16 +524,24 @@ def interleaved(proxies: list[Proxy], origin_port: int, args: argparse.Namespace
     try:
         for _ in range(args.interleaved):
             for proxy in proxies:
-                runs[proxy.name].append(wrk(small, proxy.port, 64, args.duration, work))
+                assert proxy.proc is not None
+                cpu0 = cpu_seconds(proxy.proc.pid)
+                run = wrk(small, proxy.port, 64, args.duration, work)
+                run["cpu_us"] = (cpu_seconds(proxy.proc.pid) - cpu0) / (run["rps"] * args.duration) * 1e6
+                runs[proxy.name].append(run)
     finally:
         for proxy in proxies:
             proxy.stop()
-    lines = ["| target | c=64 req/s (median) | runs | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+    lines = [
+        "| target | c=64 req/s (median) | runs | p50 ms | p99 ms | p99 runs | CPU µs per request |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, rs in runs.items():
         each = ", ".join(f"{r['rps']:.0f}" for r in rs)
+        p99s = ", ".join(f"{r['p99_ms']:.1f}" for r in rs)
         lines.append(
             f"| {name} | {median_of(rs, 'rps'):.0f} | {each} | {median_of(rs, 'p50_ms'):.2f} "
-            f"| {median_of(rs, 'p99_ms'):.2f} |"
+            f"| {median_of(rs, 'p99_ms'):.2f} | {p99s} | {median_of(rs, 'cpu_us'):.0f} |"
         )
     return "\n".join(lines)
 
@@ -547,6 +560,9 @@ def main() -> int:
     parser.add_argument(
         "--new-connections", type=int, default=0, help="only new-connection measures, N rounds round-robin"
     )
+    parser.add_argument(
+        "--baseline-src", default="", help="also run proxygate from this src/ directory (before/after in one run)"
+    )
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool):
@@ -560,7 +576,7 @@ def main() -> int:
         if args.interleaved or args.new_connections:
             run = interleaved if args.interleaved else new_connections
             try:
-                out = run(make_proxies(work, only), origin_port, args, work)
+                out = run(make_proxies(work, only, args.baseline_src), origin_port, args, work)
             finally:
                 nginx.send_signal(signal.SIGTERM)
                 nginx.wait(10)
@@ -570,7 +586,7 @@ def main() -> int:
             if only is None or "direct" in only:
                 results.append(bench_target("direct", None, origin_port, args, work))
                 print("direct done", file=sys.stderr)
-            for proxy in make_proxies(work, only):
+            for proxy in make_proxies(work, only, args.baseline_src):
                 proxy.start(work)
                 try:
                     res = bench_target(proxy.name, proxy.port, origin_port, args, work)
