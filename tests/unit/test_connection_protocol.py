@@ -120,6 +120,55 @@ def test_a_chunked_upload_arrives_whole_across_any_split() -> None:
     run(test)
 
 
+def test_the_exchange_says_how_the_connection_goes_on_in_each_response() -> None:
+    async def test(clock: VirtualClock) -> None:
+        app = App()
+
+        async def last(req: Request, ex: Exchange) -> None:
+            ex.close_when_done()
+            ex.send(200, [], b"bye")
+
+        app.routes[b"/last"] = last
+        conn, t = connect(app)
+        # HTTP/1.0 asking for keep-alive gets it said back; HEAD gets the head, no body.
+        conn.data_received(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        await settle()
+        head, _, body = t.take().partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200 ") and b"\r\nConnection: keep-alive" in head and body == b"ok /a"
+        conn.data_received(b"HEAD /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        await settle()
+        head, _, body = t.take().partition(b"\r\n\r\n")
+        assert b"\r\nContent-Length: 5\r\n" in head + b"\r\n" and body == b""
+        # A handler ending the connection: `Connection: close`, then the close.
+        conn.data_received(GET % b"/last")
+        await settle()
+        ((status, headers, body),) = responses(t.take())
+        assert (status, headers[b"connection"], body) == (200, b"close", b"bye")
+        assert t.closed
+        assert app.done == [("GET", b"/a", 200), ("HEAD", b"/b", 200), ("GET", b"/last", 200)]
+
+    run(test)
+
+
+def test_a_response_cut_short_is_logged_with_the_status_the_handler_gives() -> None:
+    async def test(clock: VirtualClock) -> None:
+        app = App()
+
+        async def cut(req: Request, ex: Exchange) -> None:
+            ex.write(ex.start_response(200, [(b"Transfer-Encoding", b"chunked")]) + b"3\r\nabc\r\n")
+            ex.cut_short(502)
+            raise ConnectionResetError("the origin went away mid-body")
+
+        app.routes[b"/cut"] = cut
+        conn, t = connect(app)
+        conn.data_received(GET % b"/cut")
+        await settle()
+        assert not t.take().endswith(b"0\r\n\r\n") and t.aborted  # never a last chunk: the client sees the cut
+        assert app.done == [("GET", b"/cut", 502)]
+
+    run(test)
+
+
 def test_half_close_after_pipelined_requests_answers_them_all_then_closes() -> None:
     async def test(clock: VirtualClock) -> None:
         app = App()
