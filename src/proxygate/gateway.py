@@ -261,7 +261,7 @@ class Gateway:
             path=path,
             client_ip=req.peer_ip,
             duration_ms=(time.perf_counter() - req.started) * 1000.0,
-            bytes_in=body.received if body is not None else (req.content_length or 0),
+            bytes_in=ex.bytes_in if ex.bytes_in is not None else body.received if body is not None else 0,
             bytes_out=ex.bytes_out,
             fields=req.log_fields,
         )

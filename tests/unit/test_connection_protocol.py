@@ -484,7 +484,7 @@ def test_a_tunnel_relays_both_ways_half_closes_and_logs_the_bytes_it_carried() -
         up.eof_received()
         await settle()
         assert t.closed and app.done == [("CONNECT", b"o.test:443", 200)]
-        assert exchanges[0].bytes_out == len(b"world!")
+        assert (exchanges[0].bytes_in, exchanges[0].bytes_out) == (len(b"hello") + 18, len(b"world!"))
         assert app.open == 0 and not conn.busy
 
     run(test)

@@ -135,10 +135,10 @@ class ClientConnection(asyncio.Protocol):
         self.writes.flush()  # whatever happens next, what we wrote goes first
         if self._parsing is not None and self._parsing.body is not None:
             self._parsing.body.set_exception(ConnectionResetError("client closed mid-body"))
-        current = self.current
-        if current is not None and current.abort_on_client_eof:
+        ex = self.exchange
+        if ex is not None and ex.ends_on_eof:
             return None  # closes the transport: the handler is cancelled as for a lost client
-        if current is not None or self.pending:
+        if ex is not None or self.pending:
             # The client may half-close after its requests and still read the
             # answers: every request received before the FIN is answered.
             self.client_eof = True

@@ -22,14 +22,25 @@ if TYPE_CHECKING:
 
 
 class Exchange:
-    __slots__ = ("conn", "request", "response_started", "status", "bytes_out", "_continue_sent")
+    __slots__ = (
+        "conn",
+        "request",
+        "response_started",
+        "status",
+        "bytes_in",
+        "bytes_out",
+        "ends_on_eof",
+        "_continue_sent",
+    )
 
     def __init__(self, conn: ClientConnection, request: Request | None) -> None:
         self.conn = conn
         self.request = request  # None when answering bytes that did not parse
         self.response_started = False
         self.status = 0  # 0 until a response starts (logged as 499 if none does)
+        self.bytes_in: int | None = None  # None: the request body's size
         self.bytes_out = 0
+        self.ends_on_eof = False
         self._continue_sent = False
 
     @property
@@ -40,6 +51,14 @@ class Exchange:
     def client_gone(self) -> bool:
         """The client connection is closed: nothing written now reaches anyone."""
         return self.conn.closed
+
+    def end_on_client_eof(self) -> None:
+        """A half-close from the client ends this request as a lost connection would.
+
+        For a response nobody reads after the client is done sending (an
+        inference stream): the handler is cancelled and the work upstream stops.
+        """
+        self.ends_on_eof = True
 
     def close_when_done(self) -> None:
         """The connection closes after this response (an Upgrade, a CONNECT, a cut body)."""
@@ -110,6 +129,7 @@ class Exchange:
         """The response started but could not be completed: log and count it as `status`."""
         self.status = status
 
-    def relayed(self, bytes_down: int) -> None:
-        """A tunnel ended: what it carried to the client is this exchange's `bytes_out`."""
+    def relayed(self, bytes_up: int, bytes_down: int) -> None:
+        """A tunnel ended: what it carried each way is this exchange's bytes in and out."""
+        self.bytes_in = bytes_up
         self.bytes_out = bytes_down

@@ -81,9 +81,6 @@ class Request:
     # Header lines every response to this request carries (rate-limit
     # state), rendered once: `Name: value\r\n...`.
     extra_head: bytes = b""
-    # A client EOF means the client is gone (streams to people, not uploads
-    # from half-closing scripts): stop the work instead of finishing it.
-    abort_on_client_eof: bool = False
     # Extra access-log fields a handler adds (the inference route and model).
     log_fields: tuple[tuple[str, str], ...] = ()
     # The API key's name once authenticated: the identity for limits and metrics.

@@ -56,7 +56,7 @@ class SeedInferenceApi:
 
     async def handle(self, req: Request, ex: Exchange) -> None:
         body = await read_json_body(req, within=ex.settings.read_timeout)
-        req.abort_on_client_eof = True
+        ex.end_on_client_eof()
         gen = parse_generation(
             body,
             req.request_id,

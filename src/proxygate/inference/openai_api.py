@@ -167,7 +167,7 @@ class OpenAiApi:
         body = await read_json_body(req, within=ex.settings.read_timeout)
         gen, stream = self._parse(body, req, chat)
         admission = await self.tenants.admit(req, gen)
-        req.abort_on_client_eof = True
+        ex.end_on_client_eof()
         ident = ("chatcmpl-" if chat else "cmpl-") + req.request_id
         created = int(time.time())
         base = {

@@ -79,7 +79,7 @@ class InferenceRelay(Forwarder):
         return super().response_headers(req, head)
 
     async def handle(self, req: Request, ex: Exchange) -> None:
-        req.abort_on_client_eof = True
+        ex.end_on_client_eof()
         target = Target(b"http://inference-plane" + req.target)
         await self.forward(req, target, ex)
 

@@ -73,8 +73,7 @@ class ConnectHandler:
             self._bytes_up.inc(tunnel.bytes_up)
             self._bytes_down.inc(tunnel.bytes_down)
         (metrics.tunnels.labels("idle_timeout") if why == "idle timeout" else self._closed).inc()
-        ex.relayed(tunnel.bytes_down)
-        req.content_length = tunnel.bytes_up
+        ex.relayed(tunnel.bytes_up, tunnel.bytes_down)
 
     async def open(self, req: Request, ex: Exchange, host: str, port: int) -> Tunnel:
         """Dial host:port, answer 200, and start relaying; the caller awaits `tunnel.done`."""
