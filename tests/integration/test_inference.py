@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from tests.support.gateway import GatewayProcess
-from tests.support.inference import events, infer, wait_healthy
+from tests.support.inference import events, infer, metric, wait_for, wait_healthy
 from tests.support.worker import SeedWorker
 
 
@@ -95,8 +95,9 @@ def test_unknown_model_404_names_available(start_gateway, start_worker) -> None:
     assert infer(gw, {"prompt": "hi"}).status_code == 200
 
 
-def _first_token_times(gw: GatewayProcess, bodies: list[dict], gap: float) -> list[float]:
-    """Send requests `gap` seconds apart; the time each one's first token arrived."""
+def _first_token_times(gw: GatewayProcess, bodies: list[dict]) -> list[float]:
+    """Send requests one after another, each once the one before is running or queued;
+    the time each one's first token arrived."""
     times = [0.0] * len(bodies)
 
     def run(i: int, body: dict) -> None:
@@ -110,7 +111,10 @@ def _first_token_times(gw: GatewayProcess, bodies: list[dict], gap: float) -> li
         t = threading.Thread(target=run, args=(i, body))
         t.start()
         threads.append(t)
-        time.sleep(gap)
+        if i == 0:
+            wait_for(lambda: times[0], "the first request's first token")
+        else:
+            wait_for(lambda n=i: metric(gw, "inference_queue_depth") == n, f"{i} requests queued")
     for t in threads:
         t.join(60)
     return times
@@ -123,8 +127,8 @@ def test_priority_order(start_gateway, start_worker) -> None:
     running = {"prompt": " ".join(["w"] * 30), "priority": 5}  # ~1.5 s on the worker
     lows = [{"prompt": "low", "priority": 1, "max_tokens": 2} for _ in range(5)]
     high = {"prompt": "high", "priority": 9, "max_tokens": 2}
-    # 0.1 s apart: all queued well before the running request ends, in a known order.
-    times = _first_token_times(gw, [running, *lows, high], gap=0.1)
+    # All queued in a known order while the first one runs.
+    times = _first_token_times(gw, [running, *lows, high])
     high_at, low_times = times[-1], times[1:-1]
     assert all(high_at < t for t in low_times), times
     assert low_times == sorted(low_times)  # FIFO within a priority
@@ -171,8 +175,8 @@ def test_fifty_concurrent_over_two_workers(start_gateway, start_worker) -> None:
 
 
 def test_worker_killed_mid_run(start_gateway, start_worker) -> None:
-    a = start_worker("--latency", "0.1", "--max-concurrency", "1")
-    b = start_worker("--latency", "0.1", "--max-concurrency", "1")
+    a = start_worker("--latency", "0.05", "--max-concurrency", "1")
+    b = start_worker("--latency", "0.05", "--max-concurrency", "1")
     gw = start_gateway("-worker-addrs", f"{a.addr},{b.addr}", "--health-interval", "200ms")
     wait_healthy(gw, 2)
     outcomes: dict[int, list[tuple[str, str]]] = {}
@@ -183,8 +187,13 @@ def test_worker_killed_mid_run(start_gateway, start_worker) -> None:
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-        time.sleep(0.05)
-    time.sleep(0.6)  # two streams are mid-way, two wait in the queue
+    # Two streams under way (a token each sent to its client), two waiting in the queue.
+    wait_for(
+        lambda: (
+            metric(gw, "inference_queue_depth") == 2 and metric(gw, "inference_time_to_first_token_seconds_count") >= 2
+        ),
+        "two streams running and two queued",
+    )
     a.kill()
     for t in threads:
         t.join(60)
@@ -223,14 +232,15 @@ def test_queued_request_removed_on_disconnect(start_gateway, start_worker) -> No
     wait_healthy(gw)
     blocker = threading.Thread(target=lambda: events(infer(gw, {"prompt": " ".join(["b"] * 20)})))
     blocker.start()
-    time.sleep(0.2)
+    wait_for(lambda: w.health().active_sequences == 1, "the blocker running")
     sock = gw.connect()
     body = json.dumps({"prompt": "never run"}).encode()
     sock.sendall(b"POST /v1/inference HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    time.sleep(0.2)
+    wait_for(lambda: metric(gw, "inference_queue_depth") == 1, "the second request queued")
     sock.close()
     blocker.join(30)
-    time.sleep(0.3)
+    # Dispatched, the second would still be in flight when the blocker's slot freed.
+    wait_for(lambda: metric(gw, "inference_in_flight") == 0, "nothing in flight")
     assert w.health().generations_started == 1  # the queued one was dropped, never dispatched
     assert "inference_queue_depth 0.0" in requests.get(f"{gw.proxy}/metrics", timeout=5).text
 
@@ -244,7 +254,7 @@ def test_queue_full_503(start_gateway, start_worker) -> None:
     ]
     for t in threads:
         t.start()
-        time.sleep(0.1)
+    wait_for(lambda: metric(gw, "inference_queue_depth") == 2, "one running and two queued")
     r = infer(gw, {"prompt": "one too many"})
     assert r.status_code == 503 and "queue is full" in r.text and r.headers["Retry-After"]
     for t in threads:
@@ -262,7 +272,7 @@ def test_shutdown_drains_streams(start_gateway, start_worker) -> None:
 
     t = threading.Thread(target=run)
     t.start()
-    time.sleep(0.4)
+    wait_for(lambda: metric(gw, "inference_time_to_first_token_seconds_count") >= 1, "the stream under way")
     gw.signal(signal.SIGTERM)
     t.join(30)
     ev = result["events"]
@@ -314,7 +324,7 @@ def test_inference_timeout(start_gateway, start_worker) -> None:
     blockers = [threading.Thread(target=lambda: events(infer(gw, {"prompt": " ".join(["b"] * 30)}))) for _ in range(2)]
     for t in blockers:
         t.start()
-    time.sleep(0.1)
+    wait_for(lambda: w.health().active_sequences == 2, "both blockers running")
     r = infer(gw, {"prompt": "late"})
     assert r.status_code in (503, 504), r.text
     for t in blockers:
