@@ -13,6 +13,7 @@ import requests
 
 from tests.conftest import require_binary
 from tests.support.gateway import BackgroundGet, GatewayProcess
+from tests.support.inference import wait_for
 from tests.support.origin import Origin
 
 
@@ -119,17 +120,19 @@ def test_https_listener(
 def test_graceful_shutdown_finishes_slow_download(start_gateway, origin: Origin) -> None:
     gw = start_gateway("-shutdown-timeout", "20s")
     download = BackgroundGet(gw, f"{origin.url}/slow/10/3")
-    time.sleep(0.5)
+    download.wait_started()
     idle = gw.connect()  # an idle keep-alive connection is closed at once
     gw.signal(signal.SIGTERM)
     gw.wait_log("shutting down")
-    time.sleep(0.3)
-    refused = False
-    try:
-        requests.get(f"{gw.proxy}/healthz", timeout=2)
-    except requests.ConnectionError:
-        refused = True
-    assert refused, "new connections must be refused while draining"
+
+    def refused() -> bool:
+        try:
+            requests.get(f"{gw.proxy}/healthz", timeout=2)
+        except requests.ConnectionError:
+            return True
+        return False
+
+    wait_for(refused, "new connections refused while draining", timeout=5)
     idle.settimeout(5)
     assert idle.recv(10) == b""
     result = download.join()
@@ -140,7 +143,7 @@ def test_graceful_shutdown_finishes_slow_download(start_gateway, origin: Origin)
 def test_shutdown_timeout_cuts_what_is_left(start_gateway, origin: Origin) -> None:
     gw = start_gateway("-shutdown-timeout", "1s")
     download = BackgroundGet(gw, f"{origin.url}/slow/10/6")
-    time.sleep(0.5)
+    download.wait_started()
     start = time.monotonic()
     gw.signal(signal.SIGTERM)
     assert gw.proc.wait(20) == 0

@@ -80,7 +80,7 @@ def test_sigterm_drains_every_process(start_gateway, origin: Origin) -> None:
     gw = start_gateway("--workers", "2", "-shutdown-timeout", "20s")
     pids = children(gw)
     download = BackgroundGet(gw, f"{origin.url}/slow/10/3")
-    time.sleep(0.5)
+    download.wait_started()
     gw.signal(signal.SIGTERM)
     result = download.join()
     assert result.get("chunks") == 10, result
@@ -99,7 +99,11 @@ def test_a_killed_process_is_replaced(start_gateway, origin: Origin) -> None:
         time.sleep(0.1)
     after = children(gw)
     assert len(after) == 2 and victim not in after
-    time.sleep(1.0)  # the new process is listening once it has loaded
+    # The new process serves: new connections are answered by both processes again.
+    wait_for(
+        lambda: len({process_of(fresh_get(gw, f"{origin.url}/hello")) for _ in range(8)}) == 2,
+        "both processes answering",
+    )
     responses = [fresh_get(gw, f"{origin.url}/hello") for _ in range(20)]
     assert all(r.status_code == 200 for r in responses)
     gw.assert_alive()

@@ -169,16 +169,23 @@ class BackgroundGet:
 
     def __init__(self, gw: GatewayProcess, url: str) -> None:
         self.result: dict[str, object] = {}
+        self.started = threading.Event()  # the response head has arrived: the download is under way
         self._thread = threading.Thread(target=self._get, args=(gw.proxy, url))
         self._thread.start()
 
     def _get(self, proxy: str, url: str) -> None:
         try:
-            r = requests.get(url, proxies={"http": proxy}, timeout=30)
-            self.result["status"] = r.status_code
-            self.result["chunks"] = r.text.count("chunk")
+            with requests.get(url, proxies={"http": proxy}, timeout=30, stream=True) as r:
+                self.started.set()
+                self.result["status"] = r.status_code
+                self.result["chunks"] = r.content.decode().count("chunk")
         except Exception as exc:  # reported by the caller's assertions
             self.result["error"] = exc
+        finally:
+            self.started.set()
+
+    def wait_started(self, timeout: float = 10) -> None:
+        assert self.started.wait(timeout), "the download never started"
 
     def join(self, timeout: float = 30) -> dict[str, object]:
         self._thread.join(timeout)
