@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.gateway import GatewayProcess, RawResponses
+from tests.support.inference import metric, wait_for
 from tests.support.origin import Origin, pattern_bytes
 
 
@@ -210,9 +211,12 @@ def test_write_timeout_cuts_stalled_reader_not_long_download(start_gateway, orig
     r = requests.get(f"{origin.url}/slow/6/3", proxies={"http": gw.proxy}, timeout=20)
     assert r.status_code == 200 and r.text.count("chunk") == 6
     # A client that stops reading a big response is cut after ~1 s of stall.
+    open_before = metric(gw, "proxy_active_connections")
     sock = gw.connect()
     sock.sendall(f"GET {origin.url}/bytes/{200 * 1024 * 1024} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    time.sleep(4)
+    # Not reading: the gateway's buffers fill, the write stalls (for 1 s), and the connection goes.
+    wait_for(lambda: metric(gw, "proxy_active_connections") == open_before + 1, "the connection counted")
+    wait_for(lambda: metric(gw, "proxy_active_connections") == open_before, "the stalled connection cut")
     sock.settimeout(10)
     got = 0
     try:
