@@ -98,6 +98,31 @@ def peak_rss_mib(pid: int) -> float:
 # ---- origin ---------------------------------------------------------------------
 
 
+def _run_nginx(folder: Path, port: int, server: str) -> subprocess.Popen:
+    """One nginx (a single worker, no access log) serving `server` on 127.0.0.1:port from `folder`."""
+    conf = folder / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes 1; daemon off; master_process off;
+pid {folder}/nginx.pid; error_log {folder}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off; sendfile on; tcp_nopush on; keepalive_requests 1000000; keepalive_timeout 120s;
+  client_body_temp_path {folder}/cb; proxy_temp_path {folder}/pt; fastcgi_temp_path {folder}/ft;
+  uwsgi_temp_path {folder}/ut; scgi_temp_path {folder}/st;
+  default_type application/octet-stream;
+  server {{
+    {server}
+    location = /small {{ return 200 "{SMALL_BODY.strip()}\\n"; }}
+  }}
+}}
+"""
+    )
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(folder)], stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
+
+
 def start_nginx(work: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     docroot = work / "www"
@@ -107,27 +132,7 @@ def start_nginx(work: Path) -> tuple[subprocess.Popen, int]:
         block = os.urandom(ONE_MIB)
         for _ in range(BULK // ONE_MIB):
             fh.write(block)
-    conf = work / "nginx.conf"
-    conf.write_text(
-        f"""
-worker_processes 1; daemon off; master_process off;
-pid {work}/nginx.pid; error_log {work}/nginx-error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-  access_log off; sendfile on; tcp_nopush on; keepalive_requests 1000000; keepalive_timeout 120s;
-  client_body_temp_path {work}/cb; proxy_temp_path {work}/pt; fastcgi_temp_path {work}/ft;
-  uwsgi_temp_path {work}/ut; scgi_temp_path {work}/st;
-  default_type application/octet-stream;
-  server {{
-    listen 127.0.0.1:{port} backlog=4096; root {docroot};
-    location = /small {{ return 200 "{SMALL_BODY.strip()}\\n"; }}
-  }}
-}}
-"""
-    )
-    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)], stderr=subprocess.DEVNULL)
-    wait_port(port)
-    return proc, port
+    return _run_nginx(work, port, f"listen 127.0.0.1:{port} backlog=4096; root {docroot};"), port
 
 
 def start_tls_origin(work: Path) -> tuple[subprocess.Popen, int]:
@@ -141,27 +146,10 @@ def start_tls_origin(work: Path) -> tuple[subprocess.Popen, int]:
         check=True,
         capture_output=True,
     )
-    conf = tls / "nginx.conf"
-    conf.write_text(
-        f"""
-worker_processes 1; daemon off; master_process off;
-pid {tls}/nginx.pid; error_log {tls}/nginx-error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-  access_log off; keepalive_requests 1000000;
-  client_body_temp_path {tls}/cb; proxy_temp_path {tls}/pt; fastcgi_temp_path {tls}/ft;
-  uwsgi_temp_path {tls}/ut; scgi_temp_path {tls}/st;
-  server {{
-    listen 127.0.0.1:{port} ssl backlog=4096;
-    ssl_certificate {tls}/cert.pem; ssl_certificate_key {tls}/key.pem;
-    location = /small {{ return 200 "{SMALL_BODY.strip()}\\n"; }}
-  }}
-}}
-"""
+    server = (
+        f"listen 127.0.0.1:{port} ssl backlog=4096; ssl_certificate {tls}/cert.pem; ssl_certificate_key {tls}/key.pem;"
     )
-    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tls)], stderr=subprocess.DEVNULL)
-    wait_port(port)
-    return proc, port
+    return _run_nginx(tls, port, server), port
 
 
 # ---- proxies ----------------------------------------------------------------------
