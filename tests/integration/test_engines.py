@@ -379,3 +379,29 @@ def test_first_load_converts_once_then_reuses_conversion(tmp_path: Path) -> None
     for log_file in ("w1.log", "w2.log"):
         for line in (tmp_path / log_file).read_text().splitlines():
             assert isinstance(json.loads(line), dict), line
+
+
+def test_conversion_parses_the_gguf_file_once_then_gives_gguf_back(tmp_path: Path) -> None:
+    _require_hf()
+    import gguf
+    import numpy as np
+
+    from proxygate.worker.engines.hf_model import _gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_parsed_once():
+        # transformers asks three times (config, tokenizer, weights): one parse.
+        reader = gguf.GGUFReader(path)
+        assert reader is gguf.GGUFReader(str(path)) and reader.tensors[0].name == "token_embd.weight"
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 30) is gguf.get_tensor_name_map(arch, 30)
+    assert gguf.GGUFReader is real_reader and gguf.get_tensor_name_map is real_name_map
+    assert gguf.GGUFReader(path) is not reader
