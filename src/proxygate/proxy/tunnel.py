@@ -14,8 +14,6 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from ..http.write_batch import WriteBatch
-
 if TYPE_CHECKING:
     from ..http.connection import ClientConnection
 
@@ -25,10 +23,8 @@ class Tunnel:
 
     def __init__(self, client: ClientConnection, idle_timeout: float) -> None:
         self.client = client
-        self.writes: WriteBatch = client.writes
         self.idle_timeout = idle_timeout
         self.upstream: asyncio.Transport | None = None
-        self.client_transport: asyncio.Transport | None = None
         self.upstream_side = UpstreamSide(self)
         self.bytes_up = 0  # client → upstream
         self.bytes_down = 0  # upstream → client
@@ -40,7 +36,6 @@ class Tunnel:
 
     def start(self) -> None:
         """The 200 is written: take the client's socket and relay from now on, watching for idleness."""
-        self.client_transport = self.client.transport
         side = ClientSide(self)
         tail = self.client.detach(side)
         if tail:
@@ -79,8 +74,7 @@ class UpstreamSide(asyncio.Protocol):
         tunnel = self.tunnel
         tunnel.bytes_down += len(data)
         tunnel.last_activity = time.monotonic()
-        if tunnel.client_transport is not None and not tunnel.client.closed:
-            tunnel.writes.write(tunnel.client_transport, data)
+        tunnel.client.write(data)
 
     def eof_received(self) -> bool:
         tunnel = self.tunnel
@@ -94,11 +88,11 @@ class UpstreamSide(asyncio.Protocol):
         self.tunnel.finish("upstream error" if exc else "closed")
 
     def pause_writing(self) -> None:
-        if self.tunnel.client_transport is not None:
-            self.tunnel.client_transport.pause_reading()
+        if self.tunnel.client.transport is not None:
+            self.tunnel.client.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        client = self.tunnel.client_transport
+        client = self.tunnel.client.transport
         if client is not None and not client.is_closing():
             client.resume_reading()
 
@@ -118,7 +112,7 @@ class ClientSide(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         tunnel = self.tunnel
-        tunnel.writes.flush()  # what we wrote goes before anything that follows
+        tunnel.client.writes.flush()  # what we wrote goes before anything that follows
         tunnel.client_eof = True
         upstream = tunnel.upstream
         if tunnel.upstream_eof or upstream is None or not upstream.can_write_eof():
