@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from proxy_bench import free_port, gateway_argv, wait_port  # noqa: E402
+from proxy_bench import cpu_seconds, free_port, gateway_argv, wait_port  # noqa: E402
 
 from proxygate._pb import inference_pb2 as pb  # noqa: E402
 from proxygate._pb import inference_pb2_grpc as pbg  # noqa: E402
@@ -229,11 +228,6 @@ async def hf_rate(worker_port: int, streams: int, max_tokens: int) -> float:
     elapsed = time.monotonic() - start
     await channel.close()
     return sum(counts) / elapsed
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def stream_rate(port: int, api: str, streams: int, tokens: int, seconds: float) -> tuple[float, int]:
