@@ -53,7 +53,8 @@ def bench_settings() -> GatewaySettings:
 
 
 class Transport:
-    """Enough of an asyncio transport for both ends; `sink` sees every write."""
+    """Enough of an asyncio transport for both ends; `sink` sees every write, and closing
+    tells the protocol on it (which changes when a tunnel starts)."""
 
     def __init__(self, sink: Callable[[bytes], None], peer: tuple[str, int]) -> None:
         self.sink = sink
@@ -72,7 +73,9 @@ class Transport:
         return self.closing
 
     def close(self) -> None:
-        self.closing = True
+        if not self.closing:
+            self.closing = True
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
 
     abort = close
 
@@ -125,24 +128,6 @@ class OriginTransport(Transport):
         if self.protocol.eof_received() is not True:
             self.close()
 
-    def close(self) -> None:
-        if not self.closing:
-            self.closing = True
-            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
-
-    abort = close
-
-
-class ClientTransport(Transport):
-    """A client socket: closing it tells the protocol on it (which changes when a tunnel starts)."""
-
-    def close(self) -> None:
-        if not self.closing:
-            self.closing = True
-            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
-
-    abort = close
-
 
 async def connect_once(requests: int) -> float:
     """CPU per CONNECT tunnel: new client connection, CONNECT, 200, client EOF, origin EOF, both closed."""
@@ -171,7 +156,7 @@ async def connect_once(requests: int) -> float:
                 raise SystemExit(f"the tunnel was refused: {data[:80]!r}")
             loop.call_soon(transport.protocol.eof_received)
 
-        transport = ClientTransport(received, ("127.0.0.1", 40000))
+        transport = Transport(received, ("127.0.0.1", 40000))
         transport.protocol = conn
         conn.connection_made(transport)  # type: ignore[arg-type]
         conn.data_received(connect)
