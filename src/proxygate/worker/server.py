@@ -71,7 +71,10 @@ class ModelService(inference_pb2_grpc.ModelServiceServicer):  # type: ignore[mis
                 prompt_tokens=result.prompt_tokens,
                 cached_tokens=result.cached_tokens,
             )
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cancelled while the engine ran: CancelledError here. Cancelled while
+            # grpc was sending our last message: grpc's task is the one cancelled,
+            # and this generator is closed afterwards (GeneratorExit at the yield).
             self.cancelled += 1
             log.debug("generation %s cancelled after %d tokens", params.request_id, count)
             raise
