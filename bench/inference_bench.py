@@ -47,10 +47,12 @@ def worker(port: int, log: Path, *flags: str) -> subprocess.Popen:
     )
 
 
-def gateway(port: int, workers: list[int], log: Path, processes: int = 1) -> subprocess.Popen:
+def gateway(
+    port: int, workers: list[int], log: Path, processes: int = 1, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
     addrs = ",".join(f"127.0.0.1:{p}" for p in workers)
     flags = ("-worker-addrs", addrs, "-limiter", "none", "--blocklist", "/nonexistent", "--max-queue", "10000")
-    flags += ("--workers", str(processes))
+    flags += ("--workers", str(processes), *extra)
     proc = start(gateway_argv(port, *flags), port, log)
     time.sleep(1.5)  # first health poll
     return proc
@@ -324,7 +326,9 @@ def echo_sections(args: argparse.Namespace, logs: Path, lines: list[str], procs:
     # (a) one echo worker with a small per-token latency, gateway in front.
     w_port, g_port = free_port(), free_port()
     procs.append(worker(w_port, logs / "bench-worker-a.log", "--latency", "0.002", "--max-concurrency", "8"))
-    procs.append(gateway(g_port, [w_port], logs / "bench-gw-a.log", args.gateway_workers))
+    procs.append(
+        gateway(g_port, [w_port], logs / "bench-gw-a.log", args.gateway_workers, tuple(args.gateway_args.split()))
+    )
     lat = asyncio.run(latency_compare(g_port, w_port, args.samples, args.keep_alive))
     connections = "one kept-alive connection" if args.keep_alive else "a new connection per request"
     lines += [
@@ -345,6 +349,8 @@ def echo_sections(args: argparse.Namespace, logs: Path, lines: list[str], procs:
         p.terminate()
         p.wait(10)
     procs.clear()
+    if args.only_latency:
+        return
 
     # (b) two zero-latency echo workers, 64 concurrent streams.
     w1, w2, g_port = free_port(), free_port(), free_port()
@@ -378,6 +384,8 @@ def main() -> int:
         help="gateway processes for (a): 2 puts the inference relay in the path",
     )
     parser.add_argument("--keep-alive", action="store_true", help="(a) on one kept-alive connection")
+    parser.add_argument("--gateway-args", default="", help="more gateway flags for (a), e.g. '--coalesce off'")
+    parser.add_argument("--only-latency", action="store_true", help="only (a)")
     parser.add_argument("--only-hf", action="store_true", help="only (c)")
     parser.add_argument("--only-tokens", action="store_true", help="only (d)")
     args = parser.parse_args()
@@ -390,8 +398,9 @@ def main() -> int:
             token_path(args, logs, lines, procs)
         elif not args.only_hf:
             echo_sections(args, logs, lines, procs)
-            token_path(args, logs, lines, procs)
-        if not args.skip_hf and not args.only_tokens:
+            if not args.only_latency:
+                token_path(args, logs, lines, procs)
+        if not args.skip_hf and not args.only_tokens and not args.only_latency:
             # (c) the real model, one stream vs 8 concurrent streams.
             w_port = free_port()
             procs.append(
