@@ -15,6 +15,12 @@ run). With `--clients N`, N connections each keep one request in flight.
 With `--connect`, each request is a new client connection that opens a
 CONNECT tunnel, gets its 200 and closes (the tunnel's upstream closes in
 turn): the Python cost of a tunnel's life, without the socket calls.
+With `--inference TOKENS`, each request is a new client connection that
+POSTs a greedy `/v1/inference` request for TOKENS tokens to a real
+zero-latency echo worker (a subprocess, over gRPC) and reads the SSE stream
+to its end: the gateway's CPU per inference request, its gRPC client
+included (the worker's CPU is not counted). `--api openai` streams a chat
+completion instead.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import asyncio
 import dataclasses
 import gc
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -224,14 +232,113 @@ async def run_once(requests: int, clients: int) -> float:
     return elapsed / (per_client * clients) * 1e6
 
 
+def inference_request(api: str, tokens: int, n: int) -> bytes:
+    """A request with a prompt of its own (no coalescing between requests), asking for `tokens` tokens."""
+    prompt = " ".join(f"w{i}" for i in range(20)) + f" #{n}"
+    if api == "openai":
+        path = b"/v1/chat/completions"
+        body = (
+            b'{"model":"default-model","stream":true,"max_tokens":%d,"temperature":0,'
+            b'"messages":[{"role":"user","content":"%s"}]}' % (tokens, prompt.encode())
+        )
+    else:
+        path = b"/v1/inference"
+        body = b'{"prompt":"%s","max_tokens":%d,"temperature":0}' % (prompt.encode(), tokens)
+    return (
+        b"POST %s HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s" % (path, len(body), body)
+    )
+
+
+async def inference_once(requests: int, worker: str, api: str, tokens: int) -> float:
+    """CPU per inference request over a new connection, one at a time, until each stream's end."""
+    settings = dataclasses.replace(bench_settings(), worker_addrs=(worker,), coalesce=os.environ.get("NOCO") is None)
+    devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    gateway = build_gateway(settings, access_log=AccessLog("json", stream=devnull))
+    gateway.bound(3128)
+    service = gateway.inference
+    assert service is not None
+    while not any(w.available for w in service.pool.workers):  # the first health poll
+        await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    left = [requests]
+
+    def one() -> None:
+        conn = ClientConnection(gateway)
+
+        def received(data: bytes) -> None:
+            if data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 200 "):
+                raise SystemExit(f"not a 200: {data[:200]!r}")
+
+        transport = Transport(received, ("127.0.0.1", 40000))
+        transport.protocol = conn
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn.data_received(inference_request(api, tokens, left[0]))
+
+    def closed(conn: ClientConnection) -> None:
+        gateway_closed(conn)
+        left[0] -= 1
+        if left[0] > 0:
+            loop.call_soon(one)
+        else:
+            done.set_result(None)
+
+    gateway_closed = gateway.connection_closed
+    gateway.connection_closed = closed  # type: ignore[method-assign]
+    gc.collect()
+    started = time.process_time()
+    one()
+    await done
+    elapsed = time.process_time() - started
+    await service.aclose()
+    gateway.access_log.flush()
+    devnull.close()
+    return elapsed / requests * 1e6
+
+
+def echo_worker() -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "proxygate", "worker", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen([*argv, "--max-concurrency", "8"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, f"127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("the echo worker did not start")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--connect", action="store_true", help="CONNECT tunnels, a new connection each")
+    parser.add_argument("--inference", type=int, metavar="TOKENS", help="inference streams of TOKENS tokens")
+    parser.add_argument("--api", choices=("seed", "openai"), default="seed", help="with --inference")
     args = parser.parse_args()
     import uvloop
+
+    if args.inference:
+        proc, addr = echo_worker()
+        try:
+            runs = [uvloop.run(inference_once(args.requests, addr, args.api, args.inference)) for _ in range(args.runs)]
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        per_token = [r / args.inference for r in runs]
+        print(
+            f"CPU per {args.api} inference request of {args.inference} tokens: median {statistics.median(runs):.1f} us, "
+            f"{statistics.median(per_token):.1f} us per token "
+            f"(runs: {', '.join(f'{r:.1f}' for r in runs)}; {args.requests} requests)"
+        )
+        return
 
     if args.connect:
         runs = [uvloop.run(connect_once(args.requests)) for _ in range(args.runs)]

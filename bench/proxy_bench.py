@@ -192,7 +192,7 @@ class Proxy:
         return rss
 
 
-def make_proxies(work: Path, only: set[str] | None, baseline_src: str = "") -> list[Proxy]:
+def make_proxies(work: Path, only: set[str] | None, baseline_src: str = "", baseline_workers: int = 1) -> list[Proxy]:
     proxies: list[Proxy] = []
 
     def want(name: str) -> bool:
@@ -207,9 +207,9 @@ def make_proxies(work: Path, only: set[str] | None, baseline_src: str = "") -> l
             argv = gateway_argv(port, *open_policy, *limits, "--workers", processes)
             proxies.append(Proxy(name, argv, port))
     if baseline_src:
-        # Another checkout's src/ (an earlier commit, say), one process, for before/after in one run.
+        # Another checkout's src/ (an earlier commit, say), for before/after in one run.
         port = free_port()
-        argv = gateway_argv(port, *open_policy, *limits, "--workers", "1")
+        argv = gateway_argv(port, *open_policy, *limits, "--workers", str(baseline_workers))
         proxies.append(Proxy("proxygate-baseline", argv, port, env={"PYTHONPATH": baseline_src}))
     if want("tinyproxy") and shutil.which("tinyproxy"):
         port = free_port()
@@ -551,6 +551,7 @@ def main() -> int:
     parser.add_argument(
         "--baseline-src", default="", help="also run proxygate from this src/ directory (before/after in one run)"
     )
+    parser.add_argument("--baseline-workers", type=int, default=1, help="--workers of the --baseline-src gateway")
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool):
@@ -564,7 +565,7 @@ def main() -> int:
         if args.interleaved or args.new_connections:
             run = interleaved if args.interleaved else new_connections
             try:
-                out = run(make_proxies(work, only, args.baseline_src), origin_port, args, work)
+                out = run(make_proxies(work, only, args.baseline_src, args.baseline_workers), origin_port, args, work)
             finally:
                 nginx.send_signal(signal.SIGTERM)
                 nginx.wait(10)
@@ -574,7 +575,7 @@ def main() -> int:
             if only is None or "direct" in only:
                 results.append(bench_target("direct", None, origin_port, args, work))
                 print("direct done", file=sys.stderr)
-            for proxy in make_proxies(work, only, args.baseline_src):
+            for proxy in make_proxies(work, only, args.baseline_src, args.baseline_workers):
                 proxy.start(work)
                 try:
                     res = bench_target(proxy.name, proxy.port, origin_port, args, work)

@@ -27,7 +27,7 @@ from .http.connection import ClientConnection
 from .http.exchange import Exchange
 from .http.message import Request
 from .http.write_batch import WriteBatch
-from .inference.handoff import HandoffSender
+from .inference.handoff import HandoffSender, OwnerLoad
 from .inference.openai_api import error_body
 from .inference.relay import InferenceRelay, RelayedApi
 from .inference.service import InferenceService
@@ -69,6 +69,7 @@ class Parts:
     budgets: Budgets | None = None
     relay: InferenceRelay | None = None  # the other processes (`--workers N`)
     handoff: HandoffSender | None = None
+    owner_load: OwnerLoad | None = None  # `--workers N`: the owner's open connections, shared
 
 
 class Gateway:
@@ -86,6 +87,10 @@ class Gateway:
         self.inference = parts.inference
         self.lifecycle = parts.lifecycle
         self.connections: set[ClientConnection] = set()
+        # With --workers N the owner publishes how many connections it has;
+        # a sibling reads it to move new connections while the owner has none.
+        self._publish_load = parts.owner_load if parts.handoff is None else None
+        self._owner_load = parts.owner_load if parts.handoff is not None else None
         self._all_closed: asyncio.Event | None = None
 
     def relayed_api(self) -> RelayedApi:
@@ -125,9 +130,31 @@ class Gateway:
     def track(self, conn: ClientConnection) -> None:
         """A connection that shutdown waits for (a client's, or a relayed one)."""
         self.connections.add(conn)
+        if self._publish_load is not None:
+            self._publish_load.publish(len(self.connections))
 
     def untrack(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
+        if self._publish_load is not None:
+            self._publish_load.publish(len(self.connections))
+
+    def moved_at_accept(self, conn: ClientConnection) -> bool:
+        """A sibling passes a new connection to the inference plane's owner while neither has another open.
+
+        Before any byte is read, so the move overlaps the client sending its
+        request (`inference/handoff.py`). Only when the gateway is idle:
+        under load each process keeps what the kernel gives it. TLS
+        connections stay: their session cannot move.
+        """
+        load, handoff, transport = self._owner_load, self.parts.handoff, conn.transport
+        if load is None or handoff is None or transport is None or len(self.connections) > 1 or not load.idle:
+            return False
+        sock = transport.get_extra_info("socket")
+        if sock is None or transport.get_extra_info("sslcontext") is not None or not handoff.send_now(sock.fileno()):
+            return False
+        conn.handed_over()
+        self.metrics.handoffs.labels("moved").inc()
+        return True
         if self._all_closed is not None and not self.connections:
             self._all_closed.set()
 

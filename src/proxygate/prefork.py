@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import GatewaySettings
+from .inference.handoff import OwnerLoad
 from .listeners import listening_url, open_listeners
 from .observability.metrics_exchange import MetricsExchange
 from .policy.ratelimit import RateLimiter, build_limiter
@@ -53,6 +54,7 @@ class ChildContext:
     exchange: MetricsExchange
     ready: Callable[[int], None]
     inference_socket: str  # the inference plane's socket: served by index 0, relayed to by the others
+    owner_load: OwnerLoad  # index 0's open connections, shared
 
 
 @dataclass(slots=True)
@@ -78,6 +80,7 @@ def serve_child(settings: GatewaySettings, ctx: ChildContext) -> int:
             metrics=GatewayMetrics(exchange=ctx.exchange),
             limiter=ctx.limiter,
             inference_relay="" if owner else ctx.inference_socket,
+            owner_load=ctx.owner_load,
         )
         return await serve(
             settings,
@@ -115,6 +118,7 @@ class Supervisor:
         # Memory limits are made here, in shared memory, so that every process
         # forked below uses one table; Redis limits are made per process.
         self.limiter = build_limiter(settings, processes=settings.workers) if settings.limiter == "memory" else None
+        self.owner_load = OwnerLoad()
         self.ready_r, self.ready_w = os.pipe()
         os.set_blocking(self.ready_r, False)
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
@@ -152,6 +156,7 @@ class Supervisor:
                 exchange=MetricsExchange(self.metrics_dir, index, OBSERVED_GAUGES),
                 ready=lambda _port: _write_index(self.ready_w, index),
                 inference_socket=os.path.join(self.metrics_dir, "inference.sock"),
+                owner_load=self.owner_load,
             )
             code = self.child_main(self.settings, ctx)
         except BaseException:

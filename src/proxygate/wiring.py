@@ -15,7 +15,7 @@ from .gateway import Gateway, Parts
 from .http.message import Request
 from .http.write_batch import WriteBatch
 from .inference.api import SeedInferenceApi
-from .inference.handoff import HandoffSender, handoff_path
+from .inference.handoff import HandoffSender, OwnerLoad, handoff_path
 from .inference.metrics import InferenceMetrics
 from .inference.openai_api import OpenAiApi
 from .inference.placement import build_placement
@@ -46,8 +46,10 @@ def build_gateway(
     access_log: AccessLog | None = None,
     limiter: RateLimiter | None = None,
     inference_relay: str = "",
+    owner_load: OwnerLoad | None = None,
 ) -> Gateway:
-    """One process's gateway; `inference_relay` is the owner's socket when another process owns the plane."""
+    """One process's gateway; `inference_relay` is the owner's socket when another process owns the plane,
+    `owner_load` the owner's connection count shared by every process (`--workers N`)."""
     metrics = metrics or GatewayMetrics()
     writes = WriteBatch()  # one per process: small writes of a loop pass go out together
     blocklist = BlocklistFile(settings.blocklist)
@@ -77,6 +79,7 @@ def build_gateway(
         forward_proxy=ForwardProxy(blocklist, dialer, Forwarder(pool, settings.read_timeout), metrics),
         connect=ConnectHandler(blocklist, dialer, metrics, settings.idle_timeout),
         lifecycle=Lifecycle(),
+        owner_load=owner_load,
     )
     if inference_relay:
         # Another process owns the inference plane: connections with inference

@@ -145,6 +145,9 @@ class App:
     def connection_opened(self, conn: ClientConnection) -> None:
         self.open += 1
 
+    def moved_at_accept(self, conn: ClientConnection) -> bool:
+        return False
+
     def connection_closed(self, conn: ClientConnection) -> None:
         self.open -= 1
 

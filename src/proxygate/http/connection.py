@@ -45,6 +45,10 @@ class Application(Protocol):
 
     def connection_opened(self, conn: ClientConnection) -> None: ...
 
+    def moved_at_accept(self, conn: ClientConnection) -> bool:
+        """Whether the application passed this new connection to another process (it is not ours then)."""
+        ...
+
     def connection_closed(self, conn: ClientConnection) -> None: ...
 
 
@@ -96,6 +100,8 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
         self.app.connection_opened(self)
+        if not self._preface and self.app.moved_at_accept(self):
+            return
         self.deadline.arm(self.settings.read_timeout, READ)
         if self._preface:
             preface, self._preface = self._preface, b""

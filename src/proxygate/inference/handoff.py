@@ -15,6 +15,14 @@ the request, no chunked body (its raw bytes are gone once decoded), no TLS
 (its session state cannot move), nothing left to write. Otherwise, or when
 the owner cannot be reached, the sibling relays as before.
 
+While the gateway is idle (the owner has no client connection open, which
+`OwnerLoad` shares, and the sibling none but the new one), a sibling moves
+each new plain connection at once, before reading a byte: the move then
+overlaps the client sending its request instead of following it, so a
+request on a new connection costs what it would had the owner accepted it.
+Under load nothing moves this way, and the kernel's spread of connections
+over the processes holds.
+
 Wire format, per connection: a 4-byte big-endian length, then that many
 bytes; the socket travels as ancillary data with the frame's first byte.
 """
@@ -24,23 +32,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 import os
 import socket
 import struct
 from array import array
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 log = logging.getLogger("proxygate.handoff")
 
 HANDOFF_SOCKET = "handoff.sock"
 _LENGTH = struct.Struct("!I")
 _MAX_FRAME = 8 * 1024 * 1024  # a head (64 KiB at most) and at most a 1 MiB JSON body; anything larger is a bug
+_EMPTY_FRAME = _LENGTH.pack(0)  # a connection moved before any of its bytes were read
 
 
 def handoff_path(inference_socket: str) -> str:
     """The owner's handoff socket, beside its relay socket."""
     return os.path.join(os.path.dirname(inference_socket), HANDOFF_SOCKET)
+
+
+class OwnerLoad:
+    """How many client connections the owner has open, in memory all the processes share.
+
+    Made before the processes are forked; the owner writes it as its
+    connections open and close, the siblings read it. Read without a lock:
+    it only steers where a new connection goes, and a stale value costs at
+    most one move that was not needed or one that was missed.
+    """
+
+    def __init__(self) -> None:
+        self._count = memoryview(mmap.mmap(-1, 8)).cast("q")  # anonymous and shared across fork
+
+    @property
+    def idle(self) -> bool:
+        return self._count[0] == 0
+
+    def publish(self, connections: int) -> None:
+        self._count[0] = connections
 
 
 class HandoffSender:
@@ -50,6 +81,9 @@ class HandoffSender:
         self.path = path
         self._sock: socket.socket | None = None
         self._lock = asyncio.Lock()
+        self._tail = b""  # the rest of a frame that `send_now` could not send whole
+        self._connecting = False
+        self._tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references
 
     async def send(self, fd: int, preface: bytes) -> bool:
         """Pass `fd` and the bytes read from it so far; False if the owner could not take it."""
@@ -57,6 +91,7 @@ class HandoffSender:
         async with self._lock:
             try:
                 sock = await self._connected()
+                await self._send_tail(sock)
                 sent = await _sendmsg_with_fd(sock, frame, fd)
                 if sent < len(frame):
                     await asyncio.get_running_loop().sock_sendall(sock, frame[sent:])
@@ -65,6 +100,67 @@ class HandoffSender:
                 self.close()
                 return False
         return True
+
+    def send_now(self, fd: int) -> bool:
+        """Pass a new connection's socket, none of its bytes read, if that needs no waiting.
+
+        False (and the caller keeps the connection) while the stream to the
+        owner is not connected yet (a connect starts in the background),
+        busy with another frame, or full.
+        """
+        sock = self._sock
+        if sock is None:
+            self._connect_soon()
+            return False
+        if self._lock.locked() or self._tail:
+            return False
+        try:
+            sent = sock.sendmsg([_EMPTY_FRAME], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [fd]))])
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            log.warning("cannot hand a connection to the inference plane's owner: %s", exc)
+            self.close()
+            return False
+        if sent < len(_EMPTY_FRAME):
+            # The socket went with the first byte: the frame's rest must follow before any other frame.
+            self._tail = _EMPTY_FRAME[sent:]
+            self._background(self._finish_tail())
+        return True
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_tail(self, sock: socket.socket) -> None:
+        if self._tail:
+            tail, self._tail = self._tail, b""
+            await asyncio.get_running_loop().sock_sendall(sock, tail)
+
+    async def _finish_tail(self) -> None:
+        async with self._lock:
+            if self._sock is None:
+                return
+            try:
+                await self._send_tail(self._sock)
+            except OSError as exc:
+                log.warning("cannot hand a connection to the inference plane's owner: %s", exc)
+                self.close()
+
+    def _connect_soon(self) -> None:
+        if not self._connecting:
+            self._connecting = True
+            self._background(self._connect_quietly())
+
+    async def _connect_quietly(self) -> None:
+        try:
+            async with self._lock:
+                await self._connected()
+        except OSError as exc:
+            log.debug("inference plane's owner not reachable yet: %s", exc)
+        finally:
+            self._connecting = False
 
     async def _connected(self) -> socket.socket:
         if self._sock is None:
@@ -79,6 +175,7 @@ class HandoffSender:
         return self._sock
 
     def close(self) -> None:
+        self._tail = b""
         if self._sock is not None:
             self._sock.close()
             self._sock = None

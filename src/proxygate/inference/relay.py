@@ -121,6 +121,9 @@ class RelayedApi:
     def connection_opened(self, conn: ClientConnection) -> None:
         self.track.track(conn)
 
+    def moved_at_accept(self, conn: ClientConnection) -> bool:
+        return False
+
     def connection_closed(self, conn: ClientConnection) -> None:
         self.track.untrack(conn)
 
