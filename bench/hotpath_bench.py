@@ -250,9 +250,9 @@ def inference_request(api: str, tokens: int, n: int) -> bytes:
     )
 
 
-async def inference_once(requests: int, worker: str, api: str, tokens: int) -> float:
+async def inference_once(requests: int, worker: str, api: str, tokens: int, coalesce: bool) -> float:
     """CPU per inference request over a new connection, one at a time, until each stream's end."""
-    settings = dataclasses.replace(bench_settings(), worker_addrs=(worker,), coalesce=os.environ.get("NOCO") is None)
+    settings = dataclasses.replace(bench_settings(), worker_addrs=(worker,), coalesce=coalesce)
     devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
     gateway = build_gateway(settings, access_log=AccessLog("json", stream=devnull))
     gateway.bound(3128)
@@ -322,13 +322,17 @@ def main() -> None:
     parser.add_argument("--connect", action="store_true", help="CONNECT tunnels, a new connection each")
     parser.add_argument("--inference", type=int, metavar="TOKENS", help="inference streams of TOKENS tokens")
     parser.add_argument("--api", choices=("seed", "openai"), default="seed", help="with --inference")
+    parser.add_argument("--no-coalesce", action="store_true", help="with --inference: --coalesce off")
     args = parser.parse_args()
     import uvloop
 
     if args.inference:
         proc, addr = echo_worker()
         try:
-            runs = [uvloop.run(inference_once(args.requests, addr, args.api, args.inference)) for _ in range(args.runs)]
+            runs = [
+                uvloop.run(inference_once(args.requests, addr, args.api, args.inference, not args.no_coalesce))
+                for _ in range(args.runs)
+            ]
         finally:
             proc.terminate()
             proc.wait(10)
