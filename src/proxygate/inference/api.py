@@ -8,14 +8,13 @@ with one line of data, and the stream ends.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BadRequest
 from ..http.message import Request
 from .fields import announce_route, common_options, prompt_field, read_json_body
 from .service import GenerationFailed, GenerationRequest, InferenceService
-from .sse import SseWriter
+from .sse import SseWriter, compact_json
 from .tenancy import TenantGate
 
 if TYPE_CHECKING:
@@ -79,7 +78,7 @@ class SeedInferenceApi:
                     event["finished"] = True
                 if resp.token_count:
                     event["token_count"] = resp.token_count
-                await sse.send(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+                await sse.send(compact_json(event))
         except GenerationFailed as exc:
             req.error = str(exc)
             await sse.error(str(exc))

@@ -16,7 +16,7 @@ from ..errors import BadRequest, HttpError
 from ..http.message import Request
 from .fields import announce_route, common_options, prompt_field, read_json_body
 from .service import GenerationFailed, GenerationRequest, InferenceService
-from .sse import SseWriter
+from .sse import SseWriter, compact_json
 from .tenancy import TenantGate
 
 if TYPE_CHECKING:
@@ -38,8 +38,7 @@ def error_body(status: int, message: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+_dumps = compact_json
 
 
 @dataclass(slots=True)

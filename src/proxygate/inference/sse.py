@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from ..http.message import Headers, Request
@@ -14,6 +15,11 @@ SSE_HEADERS: Headers = [
     (b"Cache-Control", b"no-cache"),
     (b"X-Accel-Buffering", b"no"),
 ]
+
+
+# Compact JSON for event data. Built once: json.dumps with any non-default
+# option builds a new encoder on every call, and this runs once per token.
+compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def encode_event(data: str, event: str | None = None) -> bytes:
