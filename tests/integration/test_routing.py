@@ -12,6 +12,7 @@ import os
 import random
 import re
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -189,6 +190,30 @@ def test_one_client_leaving_disturbs_nobody_and_the_last_cancels(start_gateway, 
     first.close()
     second.close()
     wait_for(lambda: w.health().generations_cancelled == 1, "the worker to see the cancel")
+
+
+def test_the_reading_client_leaving_mid_read_disturbs_nobody(start_gateway, start_worker) -> None:
+    """A generation's only client reads the worker stream in its own task; if it leaves
+    while a joiner waits on that read, the read completes and the joiner gets everything."""
+    w = start_worker("--latency", "0.05", "--prefill-ms-per-token", "30")  # ~1 s before the first token
+    gw = start_gateway("-worker-addrs", w.addr)
+    wait_healthy(gw)
+    body = {"prompt": PROMPT, "max_tokens": 31, "temperature": 0}
+    payload = json.dumps(body).encode()
+    leaver = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    leaver.sendall(
+        b"POST /v1/inference HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+    )
+    wait_for(lambda: w.health().active_sequences == 1, "the generation to start")
+    stayer = Stream(gw, body)
+    wait_for(lambda: metric(gw, "inference_coalesced_requests_total") == 1, "the second client to join")
+    leaver.close()  # before the first token: the leaver's task is in the middle of the read
+    left_at = time.monotonic()
+    assert len(stayer.join().tokens) == 31
+    assert stayer.first_at > left_at, "the first token came before the leaver left: nothing was tested"
+    health = w.health()
+    assert (health.generations_started, health.generations_cancelled) == (1, 0)
 
 
 def test_a_shared_generation_runs_at_its_most_urgent_clients_priority(start_gateway, start_worker) -> None:
