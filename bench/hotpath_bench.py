@@ -329,10 +329,15 @@ def main() -> None:
     if args.inference:
         proc, addr = echo_worker()
         try:
-            runs = [
-                uvloop.run(inference_once(args.requests, addr, args.api, args.inference, not args.no_coalesce))
-                for _ in range(args.runs)
-            ]
+            # One loop for every run: grpc.aio's poller stays bound to the loop it started on.
+            async def every_run() -> list[float]:
+                coalesce = not args.no_coalesce
+                return [
+                    await inference_once(args.requests, addr, args.api, args.inference, coalesce)
+                    for _ in range(args.runs)
+                ]
+
+            runs = uvloop.run(every_run())
         finally:
             proc.terminate()
             proc.wait(10)
