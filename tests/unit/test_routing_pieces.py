@@ -264,6 +264,39 @@ def test_shared_generation_replays_then_follows_and_cancels_with_the_last_client
     asyncio.run(main())
 
 
+def test_the_last_client_leaving_after_the_finished_response_lets_the_source_end() -> None:
+    """A client stops at the finished response; the pump has not read the stream's end
+    yet. That end must come from the worker, not a cancel (the worker would count one)."""
+
+    async def main() -> None:
+        outcome: list[str] = []
+
+        async def source() -> AsyncGenerator[inference_pb2.TokenResponse, None]:
+            try:
+                yield inference_pb2.TokenResponse(token="t0", token_count=1)
+                yield inference_pb2.TokenResponse(finished=True, token_count=1)
+                await asyncio.sleep(0.01)  # the call's end (its trailers) comes a little later
+                outcome.append("ended")
+            except BaseException as exc:
+                outcome.append(type(exc).__name__)
+                raise
+
+        table = Coalescer()
+        gen = table.start("k", source(), Ticket("", 1))
+        stream = gen.follow()
+        while not (await stream.__anext__()).finished:
+            pass
+        await stream.aclose()  # as the API does once it has the finished response
+        for _ in range(100):
+            if outcome:
+                break
+            await asyncio.sleep(0.005)
+        assert outcome == ["ended"]
+        assert table.find("k") is None
+
+    asyncio.run(main())
+
+
 def test_the_shipped_routes_file_parses() -> None:
     root = Path(__file__).resolve().parents[2]
     table = parse_routes((root / "configs" / "routes.toml").read_text())

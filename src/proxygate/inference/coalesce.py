@@ -94,8 +94,13 @@ class SharedGeneration:
                 await waiter
         finally:
             self.clients -= 1
-            if self.clients == 0 and not self.done:
+            if self.clients == 0 and not self.done and not self._finished():
                 self._task.cancel()
+
+    def _finished(self) -> bool:
+        """The worker sent its last response: the source ends by itself now. Cancelling it
+        between that response and its end would count, at the worker, as a cancelled call."""
+        return bool(self.responses) and self.responses[-1].finished
 
 
 class Coalescer:
