@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import dataclasses
 import gc
+import itertools
 import os
 import socket
 import statistics
@@ -42,6 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from proxygate.config import GatewaySettings  # noqa: E402
+from proxygate.gateway import Gateway  # noqa: E402
 from proxygate.http.connection import ClientConnection  # noqa: E402
 from proxygate.observability.logging import AccessLog  # noqa: E402
 from proxygate.proxy import dial  # noqa: E402
@@ -137,6 +139,30 @@ class OriginTransport(Transport):
             self.close()
 
 
+async def serially(gateway: Gateway, requests: int, open_one: Callable[[], None]) -> float:
+    """CPU microseconds per connection: `open_one` makes a client connection, and the
+    next is made when the gateway has closed it, `requests` in all."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    left = [requests]
+    gateway_closed = gateway.connection_closed
+
+    def closed(conn: ClientConnection) -> None:
+        gateway_closed(conn)
+        left[0] -= 1
+        if left[0] > 0:
+            loop.call_soon(open_one)
+        else:
+            done.set_result(None)
+
+    gateway.connection_closed = closed  # type: ignore[method-assign]
+    gc.collect()
+    started = time.process_time()
+    open_one()
+    await done
+    return (time.process_time() - started) / requests * 1e6
+
+
 async def connect_once(requests: int) -> float:
     """CPU per CONNECT tunnel: new client connection, CONNECT, 200, client EOF, origin EOF, both closed."""
     # The real dialer (address parsing, destination policy, dial timeout) with the socket part faked.
@@ -151,8 +177,6 @@ async def connect_once(requests: int) -> float:
     dial._connect = fake_connect  # type: ignore[assignment]
     gateway.bound(3128)
     loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    left = [requests]
     connect = b"CONNECT 127.0.0.2:443 HTTP/1.1\r\nHost: 127.0.0.2:443\r\n\r\n"
 
     def tunnel() -> None:
@@ -169,24 +193,10 @@ async def connect_once(requests: int) -> float:
         conn.connection_made(transport)  # type: ignore[arg-type]
         conn.data_received(connect)
 
-    def closed(conn: ClientConnection) -> None:
-        gateway_closed(conn)
-        left[0] -= 1
-        if left[0] > 0:
-            loop.call_soon(tunnel)
-        else:
-            done.set_result(None)
-
-    gateway_closed = gateway.connection_closed
-    gateway.connection_closed = closed  # type: ignore[method-assign]
-    gc.collect()
-    started = time.process_time()
-    tunnel()
-    await done
-    elapsed = time.process_time() - started
+    cpu = await serially(gateway, requests, tunnel)
     gateway.access_log.flush()
     devnull.close()
-    return elapsed / requests * 1e6
+    return cpu
 
 
 async def run_once(requests: int, clients: int) -> float:
@@ -260,9 +270,7 @@ async def inference_once(requests: int, worker: str, api: str, tokens: int, coal
     assert service is not None
     while not any(w.available for w in service.pool.workers):  # the first health poll
         await asyncio.sleep(0.05)
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    left = [requests]
+    numbers = itertools.count()
 
     def one() -> None:
         conn = ClientConnection(gateway)
@@ -274,27 +282,13 @@ async def inference_once(requests: int, worker: str, api: str, tokens: int, coal
         transport = Transport(received, ("127.0.0.1", 40000))
         transport.protocol = conn
         conn.connection_made(transport)  # type: ignore[arg-type]
-        conn.data_received(inference_request(api, tokens, left[0]))
+        conn.data_received(inference_request(api, tokens, next(numbers)))
 
-    def closed(conn: ClientConnection) -> None:
-        gateway_closed(conn)
-        left[0] -= 1
-        if left[0] > 0:
-            loop.call_soon(one)
-        else:
-            done.set_result(None)
-
-    gateway_closed = gateway.connection_closed
-    gateway.connection_closed = closed  # type: ignore[method-assign]
-    gc.collect()
-    started = time.process_time()
-    one()
-    await done
-    elapsed = time.process_time() - started
+    cpu = await serially(gateway, requests, one)
     await service.aclose()
     gateway.access_log.flush()
     devnull.close()
-    return elapsed / requests * 1e6
+    return cpu
 
 
 def echo_worker() -> tuple[subprocess.Popen[bytes], str]:
