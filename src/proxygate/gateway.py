@@ -137,6 +137,8 @@ class Gateway:
         self.connections.discard(conn)
         if self._publish_load is not None:
             self._publish_load.publish(len(self.connections))
+        if self._all_closed is not None and not self.connections:
+            self._all_closed.set()
 
     def moved_at_accept(self, conn: ClientConnection) -> bool:
         """A sibling passes a new connection to the inference plane's owner while neither has another open.
@@ -155,8 +157,6 @@ class Gateway:
         conn.handed_over()
         self.metrics.handoffs.labels("moved").inc()
         return True
-        if self._all_closed is not None and not self.connections:
-            self._all_closed.set()
 
     # ---- dispatch ------------------------------------------------------------
 

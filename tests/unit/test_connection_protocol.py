@@ -7,16 +7,20 @@ opens a socket or sleeps, and each test takes milliseconds.
 from __future__ import annotations
 
 import asyncio
+import io
 
+from proxygate.config import GatewaySettings
 from proxygate.http.connection import MAX_PIPELINED
 from proxygate.http.exchange import Exchange
 from proxygate.http.message import Request
+from proxygate.observability.logging import AccessLog
 from proxygate.observability.metrics import GatewayMetrics
 from proxygate.policy.blocklist import BlocklistFile
 from proxygate.policy.destinations import DestinationPolicy
 from proxygate.proxy.connect import ConnectHandler
 from proxygate.proxy.forward import Forwarder, Target
 from proxygate.proxy.upstream import UpstreamConnection, UpstreamPool
+from proxygate.wiring import build_gateway
 from tests.support.protocol import App, FakeTransport, VirtualClock, connect, responses, run, settle
 
 GET = b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -503,5 +507,17 @@ def test_a_tunnel_ends_when_the_client_leaves_and_shutdown_waits_for_it() -> Non
         t.close()  # the client goes away
         await settle()
         assert up_t.closed and app.done == [("CONNECT", b"o.test:443", 200)] and app.open == 0
+
+    run(test)
+
+
+def test_gateway_shutdown_ends_when_its_last_connection_closes_not_at_its_timeout() -> None:
+    async def test(clock: VirtualClock) -> None:
+        gateway = build_gateway(GatewaySettings(), access_log=AccessLog("json", stream=io.StringIO()))
+        _, t = connect(gateway)  # type: ignore[arg-type]
+        started = clock.now
+        aborted = await gateway.drain_connections(timeout=30)
+        assert aborted == 0 and t.closed and not gateway.connections
+        assert clock.now - started < 30, "shutdown waited out its timeout after the last connection had closed"
 
     run(test)
