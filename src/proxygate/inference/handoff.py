@@ -38,8 +38,7 @@ import socket
 import struct
 from array import array
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("proxygate.handoff")
 
@@ -81,9 +80,7 @@ class HandoffSender:
         self.path = path
         self._sock: socket.socket | None = None
         self._lock = asyncio.Lock()
-        self._tail = b""  # the rest of a frame that `send_now` could not send whole
-        self._connecting = False
-        self._tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references
+        self._connecting: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
 
     async def send(self, fd: int, preface: bytes) -> bool:
         """Pass `fd` and the bytes read from it so far; False if the owner could not take it."""
@@ -91,7 +88,6 @@ class HandoffSender:
         async with self._lock:
             try:
                 sock = await self._connected()
-                await self._send_tail(sock)
                 sent = await _sendmsg_with_fd(sock, frame, fd)
                 if sent < len(frame):
                     await asyncio.get_running_loop().sock_sendall(sock, frame[sent:])
@@ -112,10 +108,10 @@ class HandoffSender:
         if sock is None:
             self._connect_soon()
             return False
-        if self._lock.locked() or self._tail:
+        if self._lock.locked():
             return False
         try:
-            sent = sock.sendmsg([_EMPTY_FRAME], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [fd]))])
+            sent = sock.sendmsg([_EMPTY_FRAME], _fd_attached(fd))
         except BlockingIOError:
             return False
         except OSError as exc:
@@ -123,35 +119,15 @@ class HandoffSender:
             self.close()
             return False
         if sent < len(_EMPTY_FRAME):
-            # The socket went with the first byte: the frame's rest must follow before any other frame.
-            self._tail = _EMPTY_FRAME[sent:]
-            self._background(self._finish_tail())
+            # Part of a 4-byte frame (no stream socket does this in practice): end the
+            # stream, so the owner drops the part and its socket, and keep the connection.
+            self.close()
+            return False
         return True
 
-    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _send_tail(self, sock: socket.socket) -> None:
-        if self._tail:
-            tail, self._tail = self._tail, b""
-            await asyncio.get_running_loop().sock_sendall(sock, tail)
-
-    async def _finish_tail(self) -> None:
-        async with self._lock:
-            if self._sock is None:
-                return
-            try:
-                await self._send_tail(self._sock)
-            except OSError as exc:
-                log.warning("cannot hand a connection to the inference plane's owner: %s", exc)
-                self.close()
-
     def _connect_soon(self) -> None:
-        if not self._connecting:
-            self._connecting = True
-            self._background(self._connect_quietly())
+        if self._connecting is None:
+            self._connecting = asyncio.get_running_loop().create_task(self._connect_quietly())
 
     async def _connect_quietly(self) -> None:
         try:
@@ -160,7 +136,7 @@ class HandoffSender:
         except OSError as exc:
             log.debug("inference plane's owner not reachable yet: %s", exc)
         finally:
-            self._connecting = False
+            self._connecting = None
 
     async def _connected(self) -> socket.socket:
         if self._sock is None:
@@ -175,15 +151,19 @@ class HandoffSender:
         return self._sock
 
     def close(self) -> None:
-        self._tail = b""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
 
 
+def _fd_attached(fd: int) -> list[tuple[int, int, array[int]]]:
+    """sendmsg's ancillary data that passes `fd` along (SCM_RIGHTS)."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [fd]))]
+
+
 async def _sendmsg_with_fd(sock: socket.socket, frame: bytes, fd: int) -> int:
     """sendmsg the frame's start with the fd attached, waiting while the socket is full."""
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [fd]))]
+    ancillary = _fd_attached(fd)
     loop = asyncio.get_running_loop()
     while True:
         try:
