@@ -103,19 +103,18 @@ def test_what_cannot_move_is_relayed(start_gateway, start_worker) -> None:
     w = start_worker("--max-concurrency", "4")
     gw = start_gateway("--workers", "2", "-worker-addrs", w.addr)
     wait_healthy(gw)
-    busy = _keep_owner_busy(gw.port)
-    for _ in range(12):
-        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
-            # A chunked body: its raw bytes are gone once decoded, so the request is relayed.
-            s.sendall(
-                b"POST /v1/inference HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
-                b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY)
-            )
-            status, _, body = RawResponses(s).next()
-            assert status == 200 and b'"finished":true' in body
-    wait_for(lambda: metric(gw, "inference_handoffs_total", result="relayed") > 0, "relayed requests")
-    assert metric(gw, "inference_handoffs_total", result="moved") <= 1  # at most the busy connection
-    busy.close()
+    with _keep_owner_busy(gw.port):
+        for _ in range(12):
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+                # A chunked body: its raw bytes are gone once decoded, so the request is relayed.
+                s.sendall(
+                    b"POST /v1/inference HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY)
+                )
+                status, _, body = RawResponses(s).next()
+                assert status == 200 and b'"finished":true' in body
+        wait_for(lambda: metric(gw, "inference_handoffs_total", result="relayed") > 0, "relayed requests")
+        assert metric(gw, "inference_handoffs_total", result="moved") <= 1  # at most the busy connection
 
 
 def test_tls_connections_are_relayed(start_gateway, start_worker, server_cert_files, ca_file) -> None:
