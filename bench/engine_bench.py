@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
 """The hf engine against transformers' own `generate` on the same weights, in one run.
 
-Everything runs in this process, on `--threads` torch threads (default 2),
-loopback-free (no network at all), bounded in count:
+Each measurement runs in a fresh process of its own (the engine in-process,
+through `HfEngine.generate`), on `--threads` torch threads (default 2),
+loopback-free (no network at all), bounded in count. A process of its own,
+because a process where one thread has run torch's parallel kernels slows
+every other thread's (libgomp stops its workers spinning; see
+`proxygate.worker.engines.hf`): `generate` run first in the same process
+made the engine's decode steps 1.5x slower than they are in a worker.
 
 - baseline: `model.generate` (greedy, 64 new tokens) in bfloat16 and float32,
   best of `--runs`;
-- for each engine configuration (`--configs`: default = bfloat16 weights,
+- for each engine configuration (`--configs`: default = what `proxygate worker
+  --engine hf` runs with no flags (float16 weights on a CPU),
   int8 = `--quantize int8`, float32):
   - one stream's decode tokens/s (first token to last, 64 tokens; best of runs);
   - 8 concurrent streams' aggregate tokens/s (best of runs);
@@ -25,11 +31,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -62,6 +72,15 @@ PREFIX = " ".join(
 
 def greedy(prompt: str, max_tokens: int = NEW_TOKENS, **kw: object) -> GenerationParams:
     return GenerationParams(request_id="b", model="m", prompt=prompt, max_tokens=max_tokens, temperature=0, **kw)  # type: ignore[arg-type]
+
+
+T = TypeVar("T")
+
+
+def isolated(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a fresh process (see the module docstring)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 # ---- baseline ----------------------------------------------------------------------
@@ -151,6 +170,14 @@ async def measure(settings: WorkerSettings, runs: int) -> dict[str, float]:
     return out
 
 
+def measure_in_process(settings: WorkerSettings, runs: int) -> dict[str, float]:
+    return asyncio.run(measure(settings, runs))
+
+
+def answers_in_process(settings: WorkerSettings) -> list[list[str]]:
+    return asyncio.run(answers(settings))
+
+
 async def answers(settings: WorkerSettings) -> list[list[str]]:
     engine = HfEngine(settings)
     await engine.start()
@@ -171,7 +198,6 @@ def main() -> int:
     parser.add_argument("--configs", default="default,int8")
     parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     base = WorkerSettings(engine="hf", threads=args.threads, max_concurrency=8, max_model_len=2048)
     configs = {
         "default": base,
@@ -181,10 +207,10 @@ def main() -> int:
     rows: dict[str, dict[str, float]] = {}
     if not args.skip_baseline:
         for dtype in ("bfloat16", "float32"):
-            rows[f"generate {dtype}"] = {"single tok/s": baseline(dtype, args.threads, args.runs)}
+            rows[f"generate {dtype}"] = {"single tok/s": isolated(baseline, dtype, args.threads, args.runs)}
             print(f"generate {dtype}: {rows[f'generate {dtype}']}", flush=True)
     for name in args.configs.split(","):
-        rows[name] = asyncio.run(measure(configs[name], args.runs))
+        rows[name] = isolated(measure_in_process, configs[name], args.runs)
         print(f"{name}: {rows[name]}", flush=True)
     ref = rows.get("generate bfloat16", {}).get("single tok/s")
     print(
@@ -206,8 +232,8 @@ def main() -> int:
             f"joined in {r['join time ms']:.0f} ms) |"
         )
     if "int8" in args.configs.split(","):
-        plain = asyncio.run(answers(configs["default"]))
-        quant = asyncio.run(answers(configs["int8"]))
+        plain = isolated(answers_in_process, configs["default"])
+        quant = isolated(answers_in_process, configs["int8"])
         same = sum(a == b for a, b in zip(plain, quant, strict=True))
         print(f"\nint8 quality: {same}/{len(QUESTIONS)} greedy answers (24 tokens) identical to the default weights'")
         for q, a, b in zip(QUESTIONS, plain, quant, strict=True):

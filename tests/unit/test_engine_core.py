@@ -237,3 +237,58 @@ def test_stop_string_split_over_tokens_does_not_leak() -> None:
         core._turn()
     assert "".join(e for e in events if isinstance(e, str)) == "<4><5>"
     assert Finished("stop") in events
+
+
+def test_hf_engine_loads_and_decodes_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every torch call of the hf engine happens on one thread (why: proxygate.worker.engines.hf):
+    the model is built and the decode loop runs there, not on the event loop's thread."""
+    import asyncio
+    import threading
+
+    from proxygate.config import WorkerSettings
+    from proxygate.worker.engines import hf
+    from proxygate.worker.engines.base import GenerationResult
+
+    threads: dict[str, int] = {}
+    core = make_core()
+    forward = core.runner.forward
+
+    def recording_forward(batch: StepBatch, kv: KvCache) -> torch.Tensor:
+        threads["forward"] = threading.get_ident()
+        return forward(batch, kv)
+
+    def fake_build(settings: WorkerSettings) -> tuple[EngineCore, object]:
+        threads["build"] = threading.get_ident()
+        core.runner.forward = recording_forward  # type: ignore[method-assign]
+        return core, object()
+
+    monkeypatch.setattr(hf, "build_core", fake_build)
+
+    async def scenario() -> str:
+        engine = hf.HfEngine(WorkerSettings(engine="hf"))
+        monkeypatch.setattr(engine, "encode_prompt", lambda params: [1, 2, 3])
+        await engine.start()
+        params = GenerationParams(request_id="t", model="m", prompt="hi", max_tokens=3, temperature=0)
+        text = "".join([piece async for piece in engine.generate(params, GenerationResult())])
+        await engine.aclose()
+        return text
+
+    assert asyncio.run(scenario()) == "<4><5><6>"
+    assert threads["forward"] == threads["build"] != threading.get_ident()
+    assert core._stopped.is_set()  # aclose returned after the loop did
+
+
+def test_hf_engine_start_fails_when_the_build_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from proxygate.config import WorkerSettings
+    from proxygate.worker.engines import hf
+
+    def broken_build(settings: WorkerSettings) -> tuple[EngineCore, object]:
+        raise FileNotFoundError("model path /nowhere does not exist")
+
+    monkeypatch.setattr(hf, "build_core", broken_build)
+    engine = hf.HfEngine(WorkerSettings(engine="hf"))
+    with pytest.raises(FileNotFoundError, match="/nowhere"):
+        asyncio.run(engine.start())
+    assert not engine.ready

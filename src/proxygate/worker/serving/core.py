@@ -118,12 +118,9 @@ class EngineCore:
         self._running: list[Sequence] = []
         self._wake = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="hf-engine", daemon=True)
+        self._stopped = threading.Event()
 
     # ---- the event loop's side -------------------------------------------------
-
-    def start(self) -> None:
-        self._thread.start()
 
     def submit(self, seq: Sequence) -> None:
         with self._wake:
@@ -137,27 +134,32 @@ class EngineCore:
         with self._wake:
             self._wake.notify()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask `run` to return, and wait (up to `timeout`) until it has."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._thread.join(30)
+        self._stopped.wait(timeout)
 
     # ---- the loop ---------------------------------------------------------------
 
-    def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                try:
-                    if not self._turn():
-                        break
-                except Exception as exc:  # a bug, not a sequence's fault: fail what runs, keep serving
-                    log.exception("engine turn failed")
-                    for seq in self._running:
-                        self._fail(seq, exc)
-                    self._drop_finished()
-        for seq in self._running + [s for _, _, s in self._waiting] + self._incoming:
-            self._fail(seq, RuntimeError("worker shutting down"))
+    def run(self) -> None:
+        """The decode loop, until `stop`: call it on the thread that built the runner (see `hf`)."""
+        try:
+            with torch.inference_mode():
+                while True:
+                    try:
+                        if not self._turn():
+                            break
+                    except Exception as exc:  # a bug, not a sequence's fault: fail what runs, keep serving
+                        log.exception("engine turn failed")
+                        for seq in self._running:
+                            self._fail(seq, exc)
+                        self._drop_finished()
+            for seq in self._running + [s for _, _, s in self._waiting] + self._incoming:
+                self._fail(seq, RuntimeError("worker shutting down"))
+        finally:
+            self._stopped.set()
 
     def _turn(self) -> bool:
         with self._wake:
