@@ -87,3 +87,43 @@ def test_chunked_prefill_and_batched_decode_match_transformers(model: tuple[Any,
         for row, i in ((0, 1), (1, 0)):
             want = hf(input_ids=torch.tensor([prompts[i] + [nxt[i]]])).logits[0, -1]
             assert torch.allclose(logits[row], want, atol=tolerance), (i, (logits[row] - want).abs().max())
+
+
+def test_scripted_decode_step_equals_the_python_one(model: tuple[Any, Any]) -> None:
+    """float16 weights on a CPU run decode-only steps as one TorchScript call (serving/scripted.py):
+    the same operations in the same order, so logits and the KV written are equal bit for bit."""
+    import torch
+
+    from proxygate.worker.serving.runner import LlamaRunner, StepBatch
+
+    hf, _tok = model
+    runner = LlamaRunner(hf, device="cpu", weights="float16")
+    assert runner.scripted is not None, "TorchScript did not compile the decode step (see the worker log)"
+    kv = _kv(runner)
+    with torch.inference_mode():
+        for slot, n in ((0, 20), (1, 27), (2, 23)):
+            batch = StepBatch()
+            batch.add_chunk(slot, 0, list(range(100 + slot, 100 + slot + n)), True)
+            runner.forward(batch, kv)
+
+        def step(scripted: bool, rows: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            keys, values = kv.keys.clone(), kv.values.clone()
+            compiled = runner.scripted
+            runner.scripted = compiled if scripted else None
+            try:
+                batch = StepBatch()
+                for slot, position, token in rows:
+                    batch.add_decode(slot, position, token)
+                out = (runner.forward(batch, kv), kv.keys.clone(), kv.values.clone())
+            finally:
+                runner.scripted = compiled
+                kv.keys.copy_(keys)
+                kv.values.copy_(values)
+            return out
+
+        one = [(1, 27, 6)]  # one row: no mask
+        three = [(0, 20, 5), (1, 27, 6), (2, 23, 7)]  # rows at different positions: masked
+        for rows in (one, three):
+            fast, slow = step(True, rows), step(False, rows)
+            for a, b in zip(fast, slow, strict=True):
+                assert torch.equal(a, b), (rows, (a - b).abs().max())

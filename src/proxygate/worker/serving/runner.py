@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import KvCache
-from .linear import Linear, make_linear
+from .linear import Float16Packed, Linear, make_linear
+from .scripted import compile_decode_layers
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -121,6 +122,18 @@ class LlamaRunner:
         freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32, device=inv_freq.device), inv_freq)
         rotation = torch.polar(torch.full_like(freqs, scaling), freqs)  # (positions, head_dim / 2)
         self.rotation = rotation.to(device)
+        # The default CPU format runs decode-only steps as one TorchScript call (see `scripted`).
+        linears = [lin for lyr in self.layers for lin in (lyr.qkv, lyr.o, lyr.gate_up, lyr.down)]
+        self.scripted = None
+        if all(isinstance(lin, Float16Packed) for lin in linears):
+            self.scripted = compile_decode_layers()
+            self._packed: dict[str, list[Any]] = {
+                "input_norm": [lyr.input_norm for lyr in self.layers],
+                "post_norm": [lyr.post_norm for lyr in self.layers],
+                **{
+                    name: [getattr(lyr, name).packed for lyr in self.layers] for name in ("qkv", "o", "gate_up", "down")
+                },
+            }
 
     @property
     def weight_bytes(self) -> int:
@@ -156,6 +169,9 @@ class LlamaRunner:
         decode = _DecodeAttention(batch, kv, dev) if batch.decodes else None
         chunk_masks = [_chunk_mask(start, count, dev) for _slot, start, count in batch.chunks]
         x = self.embed[tokens]  # a copy: updated in place below
+        if self.scripted is not None and decode is not None and decode.direct and not batch.chunks:
+            x = self._scripted_decode(x, rotation, slots, positions, decode, kv)
+            return self._logits(x, batch)
         for li, layer in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), layer.input_norm, self.eps)
             qkv = layer.qkv(h)
@@ -183,11 +199,50 @@ class LlamaRunner:
             h = F.rms_norm(x, (x.shape[-1],), layer.post_norm, self.eps)
             gu = layer.gate_up(h)
             x += layer.down(F.silu(gu[:, : self.intermediate]).mul_(gu[:, self.intermediate :]))
+        return self._logits(x, batch)
+
+    def _logits(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         if not batch.sample_rows:  # only prompt chunks that do not finish their prompt
-            return torch.empty((0, self.vocab), dtype=torch.float32, device=dev)
-        rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=dev)
+            return torch.empty((0, self.vocab), dtype=torch.float32, device=self.device)
+        rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)
         last = F.rms_norm(x.index_select(0, rows), (x.shape[-1],), self.norm, self.eps)
         return self.lm_head(last).float()
+
+    def _scripted_decode(
+        self,
+        x: torch.Tensor,
+        rotation: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        decode: _DecodeAttention,
+        kv: KvCache,
+    ) -> torch.Tensor:
+        """The layer loop of a decode-only step over a contiguous slot range, in one TorchScript call."""
+        packed = self._packed
+        result: torch.Tensor = self.scripted(  # type: ignore[misc]
+            x,
+            rotation,
+            slots,
+            positions,
+            decode.lo,
+            decode.rows,
+            decode.length,
+            decode.mask,
+            kv.keys,
+            kv.values,
+            packed["input_norm"],
+            packed["post_norm"],
+            packed["qkv"],
+            packed["o"],
+            packed["gate_up"],
+            packed["down"],
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+            self.intermediate,
+            self.eps,
+        )
+        return result
 
 
 def _chunk_mask(start: int, count: int, device: str) -> torch.Tensor | None:
