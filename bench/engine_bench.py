@@ -13,18 +13,18 @@ made the engine's decode steps 1.5x slower than they are in a worker.
   best of `--runs`;
 - for each engine configuration (`--configs`: default = what `proxygate worker
   --engine hf` runs with no flags (float16 weights on a CPU),
-  int8 = `--quantize int8`, float32):
+  int8 = `--quantize int8`, int4 = `--quantize int4`, float32):
   - one stream's decode tokens/s (first token to last, 64 tokens; best of runs);
   - 8 concurrent streams' aggregate tokens/s (best of runs);
   - time to first token for a prompt whose 640-token prefix is new (cold) and
     for one whose prefix was just seen (warm), best of runs each;
   - the worst inter-token gap of a running stream while a 1,500-token prompt
     joins, against its median gap;
-- int8's quality: greedy answers to a fixed question set compared with the
+- int8's and int4's quality: greedy answers to a fixed question set compared with the
   default weights' (float16 on a CPU): identical answers, and the first
   differing token otherwise.
 
-Run: .venv/bin/python bench/engine_bench.py [--runs 3] [--configs default,int8]
+Run: .venv/bin/python bench/engine_bench.py [--runs 3] [--configs default,int8,int4]
 """
 
 from __future__ import annotations
@@ -195,13 +195,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--configs", default="default,int8")
+    parser.add_argument("--configs", default="default,int8,int4")
     parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
     base = WorkerSettings(engine="hf", threads=args.threads, max_concurrency=8, max_model_len=2048)
     configs = {
         "default": base,
         "int8": replace(base, quantize="int8"),
+        "int4": replace(base, quantize="int4"),
         "float32": replace(base, dtype="float32"),
     }
     rows: dict[str, dict[str, float]] = {}
@@ -231,15 +232,16 @@ def main() -> int:
             f"(worst run {r['worst gap / median (max of runs)']:.1f}; {r['joining prompt tokens']:.0f} tokens "
             f"joined in {r['join time ms']:.0f} ms) |"
         )
-    if "int8" in args.configs.split(","):
-        plain = isolated(answers_in_process, configs["default"])
-        quant = isolated(answers_in_process, configs["int8"])
+    quantized = [name for name in args.configs.split(",") if name in ("int8", "int4")]
+    plain = isolated(answers_in_process, configs["default"]) if quantized else []
+    for name in quantized:
+        quant = isolated(answers_in_process, configs[name])
         same = sum(a == b for a, b in zip(plain, quant, strict=True))
-        print(f"\nint8 quality: {same}/{len(QUESTIONS)} greedy answers (24 tokens) identical to the default weights'")
+        print(f"\n{name} quality: {same}/{len(QUESTIONS)} greedy answers (24 tokens) identical to the default weights'")
         for q, a, b in zip(QUESTIONS, plain, quant, strict=True):
             if a != b:
                 first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-                print(f"  {q!r}: differs from token {first}: default {''.join(a)!r} / int8 {''.join(b)!r}")
+                print(f"  {q!r}: differs from token {first}: default {''.join(a)!r} / {name} {''.join(b)!r}")
     return 0
 
 

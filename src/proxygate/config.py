@@ -437,7 +437,12 @@ WORKER_FLAGS: tuple[Flag, ...] = (
         parse_choice("auto", "float32", "bfloat16", "float16"),
         "hf: weight format (auto: float16 on a CPU, bfloat16 on CUDA; a CPU computes in float32)",
     ),
-    Flag("quantize", "none", parse_choice("none", "int8"), "hf: int8 = int8 linear layers (per-channel weights)"),
+    Flag(
+        "quantize",
+        "none",
+        parse_choice("none", "int8", "int4"),
+        "hf: int8 = int8 linear layers (per-channel weights); int4 = 4-bit weights in groups of 32 for decoding (CPU)",
+    ),
     Flag("max-model-len", "2048", parse_positive_int, "hf: tokens per sequence, prompt + output (KV slot size)"),
     Flag(
         "max-step-tokens",

@@ -234,3 +234,33 @@ def test_chain_longer_than_the_pool_keeps_its_start() -> None:
     filled = index.insert(block_digests(list(range(10)), 1))
     assert [i for i, _ in filled] == [0, 1, 2]
     assert len(index.match(block_digests(list(range(10)), 1))) == 3
+
+
+def test_int4_weights_keep_q4_1_levels_and_switch_to_float16_for_many_rows() -> None:
+    """Weights stored as GGUF Q4_1 (per 32 inputs: a minimum plus a step times 0..15, with 0 and 15
+    used) are rebuilt from their own levels: the result is the float product up to bfloat16
+    rounding; more rows than the int4 kernel pays for take the float16 copy."""
+    from proxygate.worker.serving.linear import INT4_DIRECT_ROWS, Float16Packed, Int4Grouped, int4_available
+
+    if not int4_available():
+        pytest.fail("int4 weights need torch's int4 CPU kernel and fbgemm (torch==2.13.0 on x86-64)")
+    gen = torch.Generator().manual_seed(7)
+    out_features, in_features = 64, 96
+    levels = torch.randint(0, 16, (out_features, in_features // 32, 32), generator=gen).float()
+    levels[..., 0], levels[..., 1] = 0, 15  # Q4_1 spans each group's minimum to its maximum
+    step = torch.rand(out_features, in_features // 32, 1, generator=gen) * 0.02 + 0.001
+    low = -torch.rand(out_features, in_features // 32, 1, generator=gen) * 0.1
+    weight = (levels * step + low).view(out_features, in_features)
+    lin = Int4Grouped(weight, None)
+    x = torch.randn(INT4_DIRECT_ROWS, in_features, generator=gen)
+    # What the kernel computes from the file's levels, with its bfloat16 activations, scales and
+    # output; a level off by one anywhere would move some output by a whole step times an input.
+    bf16 = torch.bfloat16
+    scale, zero = step.to(bf16).float(), (low + 8 * step).to(bf16).float()
+    rebuilt = ((levels - 8) * scale + zero).view(out_features, in_features)
+    want = x.to(bf16).float() @ rebuilt.T
+    got = lin(x)
+    assert torch.allclose(got, want, rtol=2**-7, atol=1e-4), (got - want).abs().max()
+    assert lin.nbytes < weight.numel()  # half a byte a weight, plus the groups' scales
+    many = torch.randn(INT4_DIRECT_ROWS + 1, in_features, generator=gen)
+    assert torch.equal(lin(many), Float16Packed(weight, None)(many))

@@ -155,10 +155,10 @@ def build_core(s: WorkerSettings) -> tuple[Any, Any]:
     from ..serving.runner import LlamaRunner
     from . import hf_model
 
-    weights = "int8" if s.quantize == "int8" else resolve_dtype(s.dtype, s.device)
+    weights = s.quantize if s.quantize != "none" else resolve_dtype(s.dtype, s.device)
     # On a CPU the weights are converted from float32 whatever their format;
     # on CUDA the model is loaded in the compute dtype.
-    load_dtype = "float32" if s.device == "cpu" or weights == "int8" else weights
+    load_dtype = "float32" if s.device == "cpu" or s.quantize != "none" else weights
     model, tokenizer = hf_model.load(s.model_path, s.device, load_dtype, s.threads)
     runner = LlamaRunner(model, device=s.device, weights=weights)
     dtype = runner.dtype

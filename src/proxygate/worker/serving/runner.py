@@ -13,7 +13,10 @@ query/key/value projections fused into one matrix and gate/up into another:
 two matmuls fewer per layer, and far fewer Python-level operations than the
 generic module tree (bench/RESULTS.md has the measurements). The linear
 layers' weight format and kernel are `linear`'s business; activations and
-the KV cache are float32 on a CPU.
+the KV cache are float32 on a CPU. With float16 weights on a CPU (the
+default), a step in which every row decodes runs the layer loop below as one
+TorchScript call (`scripted`): the same operations, without Python's
+per-operation cost.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import KvCache
-from .linear import Float16Packed, Linear, make_linear
+from .linear import INT4_DIRECT_ROWS, Float16Packed, Int4Grouped, Linear, make_linear
 from .scripted import compile_decode_layers
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -95,7 +98,10 @@ class LlamaRunner:
         inner = model.model
         self.embed = inner.embed_tokens.weight.detach().to(dtype)
         self.norm = inner.norm.weight.detach().to(dtype)
-        self.lm_head = linear(model.lm_head.weight)
+        # 4-bit is for the decoder's layers: the output projection scores every
+        # token of the vocabulary (GGUF files keep it in 8 bits or more).
+        head_format = "float16" if weights == "int4" else weights
+        self.lm_head = make_linear(model.lm_head.weight, None, head_format, dtype, on_cpu)
         self.layers: list[Layer] = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
@@ -122,18 +128,23 @@ class LlamaRunner:
         freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32, device=inv_freq.device), inv_freq)
         rotation = torch.polar(torch.full_like(freqs, scaling), freqs)  # (positions, head_dim / 2)
         self.rotation = rotation.to(device)
-        # The default CPU format runs decode-only steps as one TorchScript call (see `scripted`).
+        # On a CPU, float16 and int4 weights run decode-only steps as one TorchScript call (see `scripted`).
+        self.scripted: Any = None
+        self.scripted_rows = 0  # the most rows a step may have to take that path
+        self._scripted_weights: list[list[Any]] = []
         linears = [lin for lyr in self.layers for lin in (lyr.qkv, lyr.o, lyr.gate_up, lyr.down)]
-        self.scripted = None
-        if all(isinstance(lin, Float16Packed) for lin in linears):
+        fp16 = [lin for lin in linears if isinstance(lin, Float16Packed)]
+        int4 = [lin for lin in linears if isinstance(lin, Int4Grouped) and lin.bias is None]
+        if len(fp16) == len(linears):
+            self._scripted_weights = [[lin.packed for lin in fp16], [], []]
+            self.scripted_rows = 1 << 30  # any number
+        elif len(int4) == len(linears):
+            self._scripted_weights = [[], [lin.packed for lin in int4], [lin.scale_zero for lin in int4]]
+            self.scripted_rows = INT4_DIRECT_ROWS
+        if self._scripted_weights:
             self.scripted = compile_decode_layers()
-            self._packed: dict[str, list[Any]] = {
-                "input_norm": [lyr.input_norm for lyr in self.layers],
-                "post_norm": [lyr.post_norm for lyr in self.layers],
-                **{
-                    name: [getattr(lyr, name).packed for lyr in self.layers] for name in ("qkv", "o", "gate_up", "down")
-                },
-            }
+            norms = [[lyr.input_norm for lyr in self.layers], [lyr.post_norm for lyr in self.layers]]
+            self._scripted_weights = norms + self._scripted_weights
 
     @property
     def weight_bytes(self) -> int:
@@ -169,7 +180,13 @@ class LlamaRunner:
         decode = _DecodeAttention(batch, kv, dev) if batch.decodes else None
         chunk_masks = [_chunk_mask(start, count, dev) for _slot, start, count in batch.chunks]
         x = self.embed[tokens]  # a copy: updated in place below
-        if self.scripted is not None and decode is not None and decode.direct and not batch.chunks:
+        if (
+            self.scripted is not None
+            and decode is not None
+            and decode.direct
+            and not batch.chunks
+            and decode.rows <= self.scripted_rows
+        ):
             x = self._scripted_decode(x, rotation, slots, positions, decode, kv)
             return self._logits(x, batch)
         for li, layer in enumerate(self.layers):
@@ -218,31 +235,22 @@ class LlamaRunner:
         kv: KvCache,
     ) -> torch.Tensor:
         """The layer loop of a decode-only step over a contiguous slot range, in one TorchScript call."""
-        packed = self._packed
-        result: torch.Tensor = self.scripted(  # type: ignore[misc]
+        d = decode
+        shape = (self.heads, self.kv_heads, self.head_dim, self.intermediate, self.eps)
+        return self.scripted(
             x,
             rotation,
             slots,
             positions,
-            decode.lo,
-            decode.rows,
-            decode.length,
-            decode.mask,
+            d.lo,
+            d.rows,
+            d.length,
+            d.mask,
             kv.keys,
             kv.values,
-            packed["input_norm"],
-            packed["post_norm"],
-            packed["qkv"],
-            packed["o"],
-            packed["gate_up"],
-            packed["down"],
-            self.heads,
-            self.kv_heads,
-            self.head_dim,
-            self.intermediate,
-            self.eps,
+            *self._scripted_weights,
+            *shape,
         )
-        return result
 
 
 def _chunk_mask(start: int, count: int, device: str) -> torch.Tensor | None:

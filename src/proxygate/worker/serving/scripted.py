@@ -1,4 +1,4 @@
-"""The decode-only step of `LlamaRunner` as one TorchScript function (float16 weights on a CPU).
+"""The decode-only step of `LlamaRunner` as one TorchScript function (float16 or int4 weights on a CPU).
 
 A decode step of a small model is ~1,200 tensor operations on one row
 each; from Python every one pays the interpreter and the argument parsing
@@ -9,7 +9,8 @@ for bit (tests/integration/test_runner.py checks that).
 
 Only the commonest step takes this path: every row decodes one token and
 the rows' slots are one contiguous range (see `runner._DecodeAttention`);
-a step that reads a prompt chunk, or whose slots have gaps, runs in Python.
+a step that reads a prompt chunk, or whose slots have gaps, runs in Python,
+as does an int4 step of more rows than `linear.INT4_DIRECT_ROWS`.
 TorchScript is deprecated in torch 2.13 but present, and torch is pinned;
 where it cannot compile, `compile_decode_layers` returns None and every
 step runs in Python.
@@ -26,6 +27,20 @@ import torch
 log = logging.getLogger("proxygate.worker.hf")
 
 
+def _linear(
+    x: torch.Tensor,
+    i: int,
+    fp16: list[torch.classes.quantized.LinearPackedParamsBase],  # type: ignore[name-defined]
+    int4: list[torch.Tensor],
+    int4_scale_zero: list[torch.Tensor],
+) -> torch.Tensor:
+    """Linear layer i of the step, in whichever format was given (see `linear`)."""
+    if len(int4) > 0:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), int4[i], 32, int4_scale_zero[i])
+        return y.to(x.dtype)
+    return torch.ops.quantized.linear_dynamic_fp16(x, fp16[i])
+
+
 def _decode_layers(
     x: torch.Tensor,
     rotation: torch.Tensor,
@@ -39,21 +54,21 @@ def _decode_layers(
     values: torch.Tensor,
     input_norms: list[torch.Tensor],
     post_norms: list[torch.Tensor],
-    qkv: list[torch.classes.quantized.LinearPackedParamsBase],  # type: ignore[name-defined]
-    o: list[torch.classes.quantized.LinearPackedParamsBase],  # type: ignore[name-defined]
-    gate_up: list[torch.classes.quantized.LinearPackedParamsBase],  # type: ignore[name-defined]
-    down: list[torch.classes.quantized.LinearPackedParamsBase],  # type: ignore[name-defined]
+    fp16: list[torch.classes.quantized.LinearPackedParamsBase],  # type: ignore[name-defined]
+    int4: list[torch.Tensor],
+    int4_scale_zero: list[torch.Tensor],
     hq: int,
     hk: int,
     d: int,
     intermediate: int,
     eps: float,
 ) -> torch.Tensor:
+    """Every layer of a decode-only step; each layer's linears are 4 * layer + (qkv, o, gate_up, down)."""
     n = x.shape[0]
     hidden = [x.shape[1]]
     for li in range(len(input_norms)):
         h = torch.rms_norm(x, hidden, input_norms[li], eps)
-        qkv_out = torch.ops.quantized.linear_dynamic_fp16(h, qkv[li])
+        qkv_out = _linear(h, 4 * li, fp16, int4, int4_scale_zero)
         pairs = torch.view_as_complex(qkv_out[:, : (hq + hk) * d].reshape(n, hq + hk, d // 2, 2))
         qk = torch.view_as_real(pairs * rotation).flatten(-2)
         q, k = qk[:, :hq], qk[:, hq:]
@@ -64,11 +79,11 @@ def _decode_layers(
         ks = layer_keys[lo : lo + rows, :, :length]
         vs = layer_values[lo : lo + rows, :, :length]
         out = torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=mask, enable_gqa=True)
-        x += torch.ops.quantized.linear_dynamic_fp16(out[:, :, 0].reshape(n, hq * d), o[li])
+        x += _linear(out[:, :, 0].reshape(n, hq * d), 4 * li + 1, fp16, int4, int4_scale_zero)
         h = torch.rms_norm(x, hidden, post_norms[li], eps)
-        gu = torch.ops.quantized.linear_dynamic_fp16(h, gate_up[li])
+        gu = _linear(h, 4 * li + 2, fp16, int4, int4_scale_zero)
         act = torch.nn.functional.silu(gu[:, :intermediate]).mul_(gu[:, intermediate:])
-        x += torch.ops.quantized.linear_dynamic_fp16(act, down[li])
+        x += _linear(act, 4 * li + 3, fp16, int4, int4_scale_zero)
     return x
 
 
