@@ -117,3 +117,12 @@ def test_help_lists_every_flag_with_defaults() -> None:
 def test_workers_auto_is_one_per_usable_cpu() -> None:
     assert settings_from_args(["--workers", "auto"], environ={}).workers == len(os.sched_getaffinity(0))
     assert settings_from_args([], environ={"PROXYGATE_WORKERS": "3"}).workers == 3
+
+
+def test_worker_quantize_choices() -> None:
+    from proxygate.config import worker_settings_from_args
+
+    assert worker_settings_from_args(["--quantize", "int4"], {}).quantize == "int4"
+    assert worker_settings_from_args([], {}).quantize == "none"
+    with pytest.raises(SystemExit):  # argparse: a clear message, exit status 2
+        worker_settings_from_args(["--quantize", "int3"], {})
