@@ -24,7 +24,10 @@ from typing import Any
 
 import torch
 
+from .linear import INT4_GROUP
+
 log = logging.getLogger("proxygate.worker.hf")
+assert INT4_GROUP == 32, "the literal 32 in _linear below is the int4 group size"
 
 
 def _linear(
@@ -36,6 +39,7 @@ def _linear(
 ) -> torch.Tensor:
     """Linear layer i of the step, in whichever format was given (see `linear`)."""
     if len(int4) > 0:
+        # 32: linear.INT4_GROUP (TorchScript does not read module globals).
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), int4[i], 32, int4_scale_zero[i])
         return y.to(x.dtype)
     return torch.ops.quantized.linear_dynamic_fp16(x, fp16[i])
