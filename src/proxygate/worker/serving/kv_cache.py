@@ -73,12 +73,12 @@ class KvCache:
         """Copy pool blocks into the slot's first len(blocks) * block_size positions."""
         if not blocks:
             return
-        n = len(blocks) * self.block_size
-        index = torch.tensor(blocks, dtype=torch.long, device=self.keys.device)
+        bs = self.block_size
+        # Block by block, straight into place: gathering the blocks first and permuting them
+        # copied everything twice more (20 ms for 736 tokens of SmolLM2 against 5 ms).
         for pool, cache in ((self.pool_keys, self.keys), (self.pool_values, self.values)):
-            chunk = pool.index_select(0, index)  # (n_blocks, layers, heads, block, dim)
-            chunk = chunk.permute(1, 2, 0, 3, 4).reshape(cache.shape[0], cache.shape[2], n, cache.shape[4])
-            cache[:, slot, :, :n].copy_(chunk)
+            for i, block in enumerate(blocks):
+                cache[:, slot, :, i * bs : (i + 1) * bs].copy_(pool[block])
 
     def save_blocks(self, slot: int, fills: list[tuple[int, int]]) -> None:
         """Copy the slot's KV of chain block i into pool block b, for each (i, b)."""
