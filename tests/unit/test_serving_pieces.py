@@ -240,7 +240,7 @@ def test_int4_weights_keep_q4_1_levels_and_switch_to_float16_for_many_rows() -> 
     """Weights stored as GGUF Q4_1 (per 32 inputs: a minimum plus a step times 0..15, with 0 and 15
     used) are rebuilt from their own levels: the result is the float product up to bfloat16
     rounding; more rows than the int4 kernel pays for take the float16 copy."""
-    from proxygate.worker.serving.linear import INT4_DIRECT_ROWS, Float16Packed, Int4Grouped, int4_available
+    from proxygate.worker.serving.linear import INT4_DIRECT_ROWS, Float16Packed, Int4Grouped, Wide, int4_available
 
     if not int4_available():
         pytest.fail("int4 weights need torch's int4 CPU kernel and fbgemm (torch==2.13.0 on x86-64)")
@@ -264,3 +264,6 @@ def test_int4_weights_keep_q4_1_levels_and_switch_to_float16_for_many_rows() -> 
     assert lin.nbytes < weight.numel()  # half a byte a weight, plus the groups' scales
     many = torch.randn(INT4_DIRECT_ROWS + 1, in_features, generator=gen)
     assert torch.equal(lin(many), Float16Packed(weight, None)(many))
+    # Where bfloat16 GEMMs are the faster (AMX), the copy is bfloat16 instead.
+    wide = Int4Grouped(weight, None, wide=True)
+    assert torch.equal(wide(x), got) and torch.equal(wide(many), Wide(weight, None)(many))

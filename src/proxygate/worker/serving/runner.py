@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import KvCache
-from .linear import INT4_DIRECT_ROWS, Float16Packed, Int4Grouped, Linear, make_linear
+from .linear import INT4_DIRECT_ROWS, Float16Packed, Int4Grouped, Linear, bf16_beats_fp16_for_rows, make_linear
 from .scripted import compile_decode_layers
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -84,8 +84,12 @@ class LlamaRunner:
         dtype = torch.float32 if on_cpu or weights == "int8" else getattr(torch, weights)
         self.dtype = dtype
 
+        # int4's prompt chunks on a bfloat16 copy where this CPU's bfloat16 GEMM is the faster
+        # (see `linear.Wide`; float16 weights do not get one: bench/RESULTS.md, "hf engine").
+        self.wide = on_cpu and weights == "int4" and bf16_beats_fp16_for_rows()
+
         def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-            return make_linear(weight, bias, weights, dtype, on_cpu)
+            return make_linear(weight, bias, weights, dtype, on_cpu, self.wide)
 
         self.layers_n = cfg.num_hidden_layers
         self.heads = cfg.num_attention_heads
@@ -101,7 +105,7 @@ class LlamaRunner:
         # 4-bit is for the decoder's layers: the output projection scores every
         # token of the vocabulary (GGUF files keep it in 8 bits or more).
         head_format = "float16" if weights == "int4" else weights
-        self.lm_head = make_linear(model.lm_head.weight, None, head_format, dtype, on_cpu)
+        self.lm_head = make_linear(model.lm_head.weight, None, head_format, dtype, on_cpu)  # few rows: no copy
         self.layers: list[Layer] = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
