@@ -441,7 +441,8 @@ class InferenceService:
                 retry = True
             finally:
                 watch.stop()
-                call.cancel()
+                if worker_status != "success":  # a call that sent its last message ends by itself
+                    call.cancel()
                 m.processing.labels(model_label, worker.id).observe(time.perf_counter() - dispatched)
                 m.worker_requests.labels(worker.id, worker_status).inc()
                 self._release(worker)
