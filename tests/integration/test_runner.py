@@ -8,7 +8,7 @@ in order (float32 rounding differs in the last bits).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -22,6 +22,21 @@ def model() -> Iterator[tuple[Any, Any]]:
     from proxygate.worker.engines import hf_model
 
     yield hf_model.load("", "cpu", "float32", 2)
+
+
+@pytest.fixture(scope="module")
+def runner_for(model: tuple[Any, Any]) -> Callable[[str], Any]:
+    """One runner per weight format for the module (building one takes about 2 s)."""
+    from proxygate.worker.serving.runner import LlamaRunner
+
+    built: dict[str, Any] = {}
+
+    def get(weights: str) -> Any:
+        if weights not in built:
+            built[weights] = LlamaRunner(model[0], device="cpu", weights=weights)
+        return built[weights]
+
+    return get
 
 
 def _kv(runner: Any, slots: int = 4) -> Any:
@@ -43,13 +58,15 @@ def _kv(runner: Any, slots: int = 4) -> Any:
 
 
 @pytest.mark.parametrize("weights", ["float32", "float16", "int4"])
-def test_chunked_prefill_and_batched_decode_match_transformers(model: tuple[Any, Any], weights: str) -> None:
+def test_chunked_prefill_and_batched_decode_match_transformers(
+    model: tuple[Any, Any], runner_for: Callable[[str], Any], weights: str
+) -> None:
     import torch
 
-    from proxygate.worker.serving.runner import LlamaRunner, StepBatch
+    from proxygate.worker.serving.runner import StepBatch
 
     hf, tok = model
-    runner = LlamaRunner(hf, device="cpu", weights=weights)
+    runner = runner_for(weights)
     kv = _kv(runner)
     prompts = [
         tok("The quick brown fox jumps over the lazy dog because")["input_ids"],
@@ -92,16 +109,15 @@ def test_chunked_prefill_and_batched_decode_match_transformers(model: tuple[Any,
 
 
 @pytest.mark.parametrize("weights", ["float16", "int4"])
-def test_scripted_decode_step_equals_the_python_one(model: tuple[Any, Any], weights: str) -> None:
+def test_scripted_decode_step_equals_the_python_one(runner_for: Callable[[str], Any], weights: str) -> None:
     """float16 and int4 weights on a CPU run decode-only steps as one TorchScript call
     (serving/scripted.py): the same operations in the same order, so logits and the KV written
     are equal bit for bit."""
     import torch
 
-    from proxygate.worker.serving.runner import LlamaRunner, StepBatch
+    from proxygate.worker.serving.runner import StepBatch
 
-    hf, _tok = model
-    runner = LlamaRunner(hf, device="cpu", weights=weights)
+    runner = runner_for(weights)
     assert runner.scripted is not None, "TorchScript did not compile the decode step (see the worker log)"
     kv = _kv(runner)
     with torch.inference_mode():
