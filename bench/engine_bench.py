@@ -25,6 +25,8 @@ made the engine's decode steps 1.5x slower than they are in a worker.
   differing token otherwise.
 
 Run: .venv/bin/python bench/engine_bench.py [--runs 3] [--configs default,int8,int4]
+On a GPU machine: .venv/bin/python bench/engine_bench.py --device cuda --configs default,int8
+(int4 is CPU-only; the engine's CUDA path is plain bfloat16 `F.linear`).
 """
 
 from __future__ import annotations
@@ -86,15 +88,17 @@ def isolated(fn: Callable[..., T], *args: Any) -> T:
 # ---- baseline ----------------------------------------------------------------------
 
 
-def baseline(dtype: str, threads: int, runs: int) -> float:
-    model, tok = hf_model.load("", "cpu", dtype, threads)
-    ids = torch.tensor([encode_prompt(tok, greedy(DECODE_PROMPT))])
+def baseline(dtype: str, threads: int, runs: int, device: str = "cpu") -> float:
+    model, tok = hf_model.load("", device, dtype, threads)
+    ids = torch.tensor([encode_prompt(tok, greedy(DECODE_PROMPT))], device=device)
     best = 0.0
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
         for _ in range(runs):
             start = time.perf_counter()
             model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            if device == "cuda":
+                torch.cuda.synchronize()
             best = max(best, NEW_TOKENS / (time.perf_counter() - start))
     return best
 
@@ -197,8 +201,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--configs", default="default,int8,int4")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: configs default,int8")
     args = parser.parse_args()
-    base = WorkerSettings(engine="hf", threads=args.threads, max_concurrency=8, max_model_len=2048)
+    base = WorkerSettings(engine="hf", device=args.device, threads=args.threads, max_concurrency=8, max_model_len=2048)
     configs = {
         "default": base,
         "int8": replace(base, quantize="int8"),
@@ -208,7 +213,8 @@ def main() -> int:
     rows: dict[str, dict[str, float]] = {}
     if not args.skip_baseline:
         for dtype in ("bfloat16", "float32"):
-            rows[f"generate {dtype}"] = {"single tok/s": isolated(baseline, dtype, args.threads, args.runs)}
+            tok_s = isolated(baseline, dtype, args.threads, args.runs, args.device)
+            rows[f"generate {dtype}"] = {"single tok/s": tok_s}
             print(f"generate {dtype}: {rows[f'generate {dtype}']}", flush=True)
     for name in args.configs.split(","):
         rows[name] = isolated(measure_in_process, configs[name], args.runs)
