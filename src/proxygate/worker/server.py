@@ -51,7 +51,6 @@ class ModelService(inference_pb2_grpc.ModelServiceServicer):  # type: ignore[mis
         self.peak_calls = max(self.peak_calls, self.calls)
         result = GenerationResult()
         count = 0
-        generated = False  # the engine is done: what follows is only sending its last message
         tokens = self.engine.generate(params, result)
         try:
             async for token in tokens:
@@ -64,7 +63,6 @@ class ModelService(inference_pb2_grpc.ModelServiceServicer):  # type: ignore[mis
                     prompt_tokens=result.prompt_tokens if first else 0,
                     cached_tokens=result.cached_tokens if first else 0,
                 )
-            generated = True
             yield inference_pb2.TokenResponse(
                 request_id=params.request_id,
                 finished=True,
@@ -77,11 +75,11 @@ class ModelService(inference_pb2_grpc.ModelServiceServicer):  # type: ignore[mis
             # Cancelled while the engine ran: CancelledError here. Cancelled while
             # grpc was sending our last message: grpc's task is the one cancelled,
             # and this generator is closed afterwards (GeneratorExit at the yield).
-            # A caller that goes once it has the last message (or cancels its call
-            # then) cancelled nothing: the generation was complete.
-            if not generated:
-                self.cancelled += 1
-                log.debug("generation %s cancelled after %d tokens", params.request_id, count)
+            # Counted either way: we cannot tell whether the caller had our last
+            # message, so callers must not cancel a call that delivered it (the
+            # gateway does not).
+            self.cancelled += 1
+            log.debug("generation %s cancelled after %d tokens", params.request_id, count)
             raise
         except Exception as exc:  # the engine failed: tell the caller, keep serving
             log.exception("generation %s failed", params.request_id)
