@@ -38,9 +38,6 @@ def error_body(status: int, message: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
 
 
-_dumps = compact_json
-
-
 @dataclass(slots=True)
 class _Outcome:
     text: list[str] = field(default_factory=list)
@@ -76,7 +73,7 @@ class OpenAiApi:
     async def models(self, req: Request, ex: Exchange) -> None:
         names = self.service.served_names()
         data = [{"id": n, "object": "model", "created": 0, "owned_by": "proxygate"} for n in names]
-        ex.send(200, [(b"Content-Type", b"application/json")], _dumps({"object": "list", "data": data}).encode())
+        ex.send(200, [(b"Content-Type", b"application/json")], compact_json({"object": "list", "data": data}).encode())
 
     async def completions(self, req: Request, ex: Exchange) -> None:
         await self._guarded(req, ex, chat=False)
@@ -198,7 +195,7 @@ class OpenAiApi:
                     if sse is not None:
                         if chat and len(outcome.text) == 1:
                             await sse.send(
-                                _dumps(
+                                compact_json(
                                     {
                                         **base,
                                         "choices": [
@@ -216,13 +213,13 @@ class OpenAiApi:
                             if chat
                             else {"index": 0, "text": resp.token, "logprobs": None, "finish_reason": None}
                         )
-                        await sse.send(_dumps({**base, "choices": [choice]}))
+                        await sse.send(compact_json({**base, "choices": [choice]}))
         except GenerationFailed as exc:
             if sse is None:
                 raise HttpError(f"generation failed: {exc}") from None
             req.error = str(exc)
             await sse.send(
-                _dumps({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
+                compact_json({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
             )
             await sse.send_raw(b"data: [DONE]\n\n")
             sse.end()
@@ -236,7 +233,7 @@ class OpenAiApi:
                 if chat
                 else {"index": 0, "text": "", "logprobs": None, "finish_reason": outcome.finish_reason}
             )
-            await sse.send(_dumps({**base, "choices": [last], "usage": outcome.usage()}))
+            await sse.send(compact_json({**base, "choices": [last], "usage": outcome.usage()}))
             await sse.send_raw(b"data: [DONE]\n\n")
             sse.end()
             return
@@ -252,4 +249,4 @@ class OpenAiApi:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": outcome.finish_reason}
             obj = {**base, "choices": [choice], "usage": outcome.usage()}
-        ex.send(200, [(b"Content-Type", b"application/json")], _dumps(obj).encode())
+        ex.send(200, [(b"Content-Type", b"application/json")], compact_json(obj).encode())

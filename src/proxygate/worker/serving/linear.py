@@ -26,6 +26,7 @@ is a plain `F.linear` in the compute dtype (int8: dequantized per call).
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -40,30 +41,36 @@ INT8_DIRECT_ROWS = 16  # the weight-only int8 kernel beats dequantizing up to ab
 INT4_DIRECT_ROWS = 8  # torch's int4 kernel is one pass per row: from 9 rows on, fbgemm float16 is faster
 INT4_GROUP = 32  # inputs sharing a scale and zero point (GGUF's Q4_0/Q4_1 blocks are 32 too)
 
+log = logging.getLogger("proxygate.worker.hf")
+
+
+def torchscript(fn: Callable[..., Any]) -> Any | None:
+    """`fn` compiled by TorchScript, or None (logged) where it cannot be.
+
+    TorchScript is deprecated in torch 2.13 but present, and torch is pinned;
+    it is used here only to take Python's per-call cost off hot paths.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(fn)
+    except Exception:
+        log.warning("TorchScript could not compile %s; it runs in Python", fn.__name__, exc_info=True)
+        return None
+
 
 def _linear_fp16(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase) -> torch.Tensor:  # type: ignore[name-defined]
     return torch.ops.quantized.linear_dynamic_fp16(x, packed)
 
 
-def _fp16_kernel() -> Callable[[torch.Tensor, object], torch.Tensor]:
-    """fbgemm's float16 linear, called through TorchScript.
-
-    Called from Python, the op checks its packed-weight argument (a
-    TorchScript object) for `__torch_function__`, which throws and catches a
-    C++ exception every call: 17 us of overhead a call against 6.5 us through
-    the script, on each of the 121 linear layers of a decode step (a step
-    went from 30.7 to 28.3 ms). TorchScript is deprecated in torch 2.13 but
-    present (torch is pinned); without it, the op is called directly.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.script(_linear_fp16)
-    except Exception:
-        return torch.ops.quantized.linear_dynamic_fp16
-
-
-_LINEAR_FP16 = _fp16_kernel()
+# fbgemm's float16 linear, called through TorchScript. Called from Python, the
+# op checks its packed-weight argument (a TorchScript object) for
+# `__torch_function__`, which throws and catches a C++ exception every call:
+# 17 us of overhead a call against 6.5 us through the script, on each of the
+# 121 linear layers of a decode step (a step went from 30.7 to 28.3 ms).
+_LINEAR_FP16: Callable[[torch.Tensor, object], torch.Tensor] = (
+    torchscript(_linear_fp16) or torch.ops.quantized.linear_dynamic_fp16
+)
 _INT4_PACK: Any = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
 _INT4_MM: Any = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 

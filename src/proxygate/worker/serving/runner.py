@@ -13,10 +13,10 @@ query/key/value projections fused into one matrix and gate/up into another:
 two matmuls fewer per layer, and far fewer Python-level operations than the
 generic module tree (bench/RESULTS.md has the measurements). The linear
 layers' weight format and kernel are `linear`'s business; activations and
-the KV cache are float32 on a CPU. With float16 weights on a CPU (the
-default), a step in which every row decodes runs the layer loop below as one
-TorchScript call (`scripted`): the same operations, without Python's
-per-operation cost.
+the KV cache are float32 on a CPU. With float16 (the default) or int4
+weights on a CPU, a step in which every row decodes runs the layer loop
+below as one TorchScript call (`scripted`): the same operations, without
+Python's per-operation cost.
 """
 
 from __future__ import annotations

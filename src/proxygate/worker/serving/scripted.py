@@ -18,15 +18,12 @@ step runs in Python.
 
 from __future__ import annotations
 
-import logging
-import warnings
 from typing import Any
 
 import torch
 
-from .linear import INT4_GROUP
+from .linear import INT4_GROUP, torchscript
 
-log = logging.getLogger("proxygate.worker.hf")
 assert INT4_GROUP == 32, "the literal 32 in _linear below is the int4 group size"
 
 
@@ -93,10 +90,4 @@ def _decode_layers(
 
 def compile_decode_layers() -> Any | None:
     """The scripted `_decode_layers`, or None where TorchScript cannot compile it."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.script(_decode_layers)
-    except Exception:
-        log.warning("TorchScript could not compile the decode step; it runs in Python", exc_info=True)
-        return None
+    return torchscript(_decode_layers)
