@@ -26,6 +26,7 @@ import grpc
 
 from .._pb import inference_pb2
 from ..errors import BadGateway, GatewayTimeout, NotFound, ServiceUnavailable
+from ..rpc.channel import Call, RpcError
 from .coalesce import Coalescer, coalesce_key
 from .metrics import InferenceMetrics
 from .placement import Placement, PrefixAffinity, prompt_blocks
@@ -369,7 +370,7 @@ class InferenceService:
         """One worker generation for `ticket`: queue, call, retry elsewhere before the first token."""
         loop = asyncio.get_running_loop()
         m = self.metrics
-        message = req.to_proto()
+        message = req.to_proto().SerializeToString()
         retry = False
         first = True
         while True:
@@ -380,7 +381,7 @@ class InferenceService:
                 m.queue_wait.labels(model_label, priority_label(ticket.priority)).observe(dispatched - submitted)
             ticket.served_model = ticket.model or worker.only_model or ""
             worker_status = "error"
-            call = worker.stub.Generate(message, timeout=max(0.001, deadline - loop.time()))
+            call = worker.generate(message, timeout=max(0.001, deadline - loop.time()))
             watch = StallWatch(call, self.limits.token_timeout)
             try:
                 async for resp in call:
@@ -401,7 +402,7 @@ class InferenceService:
                     watch.waiting = True
                     watch.last = loop.time()
                 raise GenerationFailed("worker ended the stream without finishing")
-            except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            except (RpcError, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError):
                     current = asyncio.current_task()
                     if not watch.stalled or (current is not None and current.cancelling()):
@@ -455,7 +456,7 @@ class StallWatch:
     the timer, when it fires early, re-arms for the rest of the interval.
     """
 
-    def __init__(self, call: grpc.aio.Call, timeout: float) -> None:
+    def __init__(self, call: Call[inference_pb2.TokenResponse], timeout: float) -> None:
         self.call = call
         self.timeout = timeout
         self.stalled = False

@@ -1,6 +1,7 @@
 """The gateway's view of its gRPC workers: channels, health, capacity, load.
 
-Each `WorkerClient` owns one grpc.aio channel. A health loop polls every
+Each `WorkerClient` owns one gRPC channel (`rpc.channel`: HTTP/2 on the event
+loop, one connection per worker). A health loop polls every
 worker's Health RPC; a worker that fails `eject_after` polls in a row is
 ejected (no new work), and re-admitted on its next healthy answer. Capacity
 and models come from the Health extensions; a seed-built worker reports
@@ -15,23 +16,23 @@ from collections.abc import Callable
 
 import grpc
 
-from .._pb import inference_pb2, inference_pb2_grpc
+from .._pb import inference_pb2
+from ..rpc.channel import Call, Channel, RpcError
 
 log = logging.getLogger("proxygate.workers")
+
+_GENERATE = "/inference.ModelService/Generate"
+_HEALTH = "/inference.ModelService/Health"
+# A connection that answers no PING for this long is dropped (a worker host gone
+# without closing it); checked when a Health poll times out.
+PROBE_TIMEOUT = 20.0
 
 
 class WorkerClient:
     def __init__(self, addr: str, eject_after: int = 3) -> None:
         self.addr = addr
         self.id = addr
-        self.channel = grpc.aio.insecure_channel(
-            addr,
-            options=[
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ],
-        )
-        self.stub = inference_pb2_grpc.ModelServiceStub(self.channel)
+        self.channel = Channel(addr)
         self.eject_after = eject_after
         self.healthy = False
         self.ready = False
@@ -41,6 +42,13 @@ class WorkerClient:
         self.failures = 0
         self.engine = ""
         self.last_health: inference_pb2.HealthResponse | None = None  # prefix cache figures and the like
+
+    def generate(self, request: bytes, timeout: float) -> Call[inference_pb2.TokenResponse]:
+        """Start a Generate call with a serialized GenerateRequest."""
+        return self.channel.unary_stream(_GENERATE, request, inference_pb2.TokenResponse.FromString, timeout)
+
+    async def health(self, timeout: float) -> inference_pb2.HealthResponse:
+        return await self.channel.unary_unary(_HEALTH, b"", inference_pb2.HealthResponse.FromString, timeout)
 
     @property
     def available(self) -> bool:
@@ -92,7 +100,7 @@ class WorkerClient:
         return True
 
     async def aclose(self) -> None:
-        await self.channel.close(grace=None)
+        await self.channel.close()
 
 
 class WorkerPool:
@@ -121,9 +129,11 @@ class WorkerPool:
 
     async def _poll(self, worker: WorkerClient) -> bool:
         try:
-            resp = await worker.stub.Health(inference_pb2.HealthRequest(), timeout=self.timeout)
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
-            return worker.record_failure(_rpc_reason(exc))
+            resp = await worker.health(self.timeout)
+        except RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                worker.channel.probe(PROBE_TIMEOUT)
+            return worker.record_failure(f"{exc.code().name}: {exc.details()}")
         changed = worker.record_health(resp)
         if changed and worker.available:
             log.info(
@@ -153,9 +163,3 @@ class WorkerPool:
         if self._task is not None:
             self._task.cancel()
         await asyncio.gather(*(w.aclose() for w in self.workers), return_exceptions=True)
-
-
-def _rpc_reason(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return "health check timed out"
