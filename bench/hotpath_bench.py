@@ -323,7 +323,7 @@ def main() -> None:
     if args.inference:
         proc, addr = echo_worker()
         try:
-            # One loop for every run: grpc.aio's poller stays bound to the loop it started on.
+            # One loop for every run, as a serving process has.
             async def every_run() -> list[float]:
                 coalesce = not args.no_coalesce
                 return [

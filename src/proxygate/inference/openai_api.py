@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ from ..errors import BadRequest, HttpError
 from ..http.message import Request
 from .fields import announce_route, common_options, prompt_field, read_json_body
 from .service import GenerationFailed, GenerationRequest, InferenceService
-from .sse import SseWriter, compact_json
+from .sse import SseWriter, compact_json, token_events
 from .tenancy import TenantGate
 
 if TYPE_CHECKING:
@@ -31,6 +32,13 @@ _ERROR_TYPES = {
     503: "service_unavailable",
     504: "timeout",
 }
+
+
+def _token_choice(chat: bool, text: str) -> dict[str, Any]:
+    """A streamed token's choice."""
+    if chat:
+        return {"index": 0, "delta": {"content": text}, "finish_reason": None}
+    return {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
 
 
 def error_body(status: int, message: str) -> bytes:
@@ -175,6 +183,7 @@ class OpenAiApi:
         outcome = _Outcome()
         sse = SseWriter(ex, req) if stream else None
         tokens = self.service.stream(gen)
+        token_event: Callable[[str], bytes] | None = None  # made once the served model is known
         routed = False
         try:
             async for resp in tokens:
@@ -208,12 +217,9 @@ class OpenAiApi:
                                     }
                                 )
                             )
-                        choice: dict[str, Any] = (
-                            {"index": 0, "delta": {"content": resp.token}, "finish_reason": None}
-                            if chat
-                            else {"index": 0, "text": resp.token, "logprobs": None, "finish_reason": None}
-                        )
-                        await sse.send(compact_json({**base, "choices": [choice]}))
+                        if token_event is None:
+                            token_event = token_events(lambda text: {**base, "choices": [_token_choice(chat, text)]})
+                        await sse.send_raw(token_event(resp.token))
         except GenerationFailed as exc:
             if sse is None:
                 raise HttpError(f"generation failed: {exc}") from None
