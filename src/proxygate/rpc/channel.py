@@ -440,7 +440,7 @@ class Channel:
         self._host = host.strip("[]") or "localhost"
         self._port = int(port)
         self._conn: Connection | None = None
-        self._connecting: asyncio.Task[Connection] | None = None
+        self._connecting: asyncio.Task[None] | None = None
         self._waiting: list[Call[Any]] = []
         self._heads: dict[str, bytes] = {}
         self._closed = False
@@ -478,7 +478,8 @@ class Channel:
         if self._connecting is None:
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
-    async def _connect(self) -> Connection:
+    async def _connect(self) -> None:
+        """Make the connection and open the calls waiting for it, or fail them."""
         try:
             _, conn = await asyncio.get_running_loop().create_connection(
                 lambda: Connection(self), self._host, self._port
@@ -490,14 +491,13 @@ class Channel:
                 call.not_connected(exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            return None  # type: ignore[return-value]
+            return
         self._connecting = None
         self._conn = conn
         waiting, self._waiting = self._waiting, []
         for call in waiting:
             if not call.done:
                 conn.open(call)
-        return conn
 
     def lost(self, conn: Connection) -> None:
         if self._conn is conn:
