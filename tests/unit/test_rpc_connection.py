@@ -284,3 +284,20 @@ def test_grpc_timeout_uses_at_most_eight_digits() -> None:
     decoder = Decoder()
     for seconds, want in ((0.0000001, "1u"), (1.5, "1500000u"), (100.0, "100000m"), (1e6, "1000000S")):
         assert dict(decoder.decode(f.grpc_timeout(seconds)))["grpc-timeout"] == want
+
+
+def test_a_message_that_does_not_decode_ends_the_call_internal() -> None:
+    async def test(peer: Peer) -> None:
+        from proxygate._pb import inference_pb2
+
+        c = peer.channel.unary_stream("/t.T/M", b"", inference_pb2.TokenResponse.FromString, 5)
+        peer.sent()
+        good = inference_pb2.TokenResponse(token="a", token_count=1).SerializeToString()
+        peer.send(peer.response_head(1), message(good, 1), message(b"\xff\xff\xff", 1))
+        assert (await c.__anext__()).token == "a"
+        with pytest.raises(RpcError) as info:
+            await c.__anext__()
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert any(fr.kind == f.RST_STREAM for fr in peer.sent())
+
+    run(test)

@@ -108,7 +108,11 @@ class Call(Generic[T]):
             if self.messages:
                 body = self.messages.popleft()
                 self._consumed(len(body) + 5)
-                return self._deserialize(body)
+                try:
+                    return self._deserialize(body)
+                except Exception as exc:  # a message we cannot read ends the call, as grpc.aio does
+                    self._reset(RpcError(grpc.StatusCode.INTERNAL, f"cannot decode a response message: {exc}"))
+                    continue
             if self.done:
                 if self._error is None:
                     raise StopAsyncIteration
