@@ -18,7 +18,8 @@ import time
 import requests
 
 from tests.support.gateway import RawResponses
-from tests.support.inference import metric, wait_for, wait_healthy
+from tests.support.inference import wait_healthy
+from tests.support.waiting import metric, wait_for
 
 BODY = json.dumps({"prompt": "one two three", "max_tokens": 4}).encode()
 

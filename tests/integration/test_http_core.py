@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.gateway import GatewayProcess, RawResponses
-from tests.support.inference import metric, wait_for
 from tests.support.origin import Origin, pattern_bytes
+from tests.support.waiting import metric, wait_for
 
 
 def test_pipelined_requests_answered_in_order(gateway: GatewayProcess, origin: Origin) -> None:

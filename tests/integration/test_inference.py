@@ -12,7 +12,8 @@ import pytest
 import requests
 
 from tests.support.gateway import GatewayProcess
-from tests.support.inference import events, infer, metric, wait_for, wait_healthy
+from tests.support.inference import events, infer, wait_healthy
+from tests.support.waiting import metric, wait_for
 from tests.support.worker import SeedWorker
 
 

@@ -13,8 +13,8 @@ import requests
 
 from tests.conftest import require_binary
 from tests.support.gateway import BackgroundGet, GatewayProcess
-from tests.support.inference import wait_for
 from tests.support.origin import Origin
+from tests.support.waiting import wait_for
 
 
 def status_via(gw: GatewayProcess, url: str) -> int:

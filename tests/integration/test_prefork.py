@@ -14,8 +14,8 @@ import requests
 
 from tests.conftest import require_binary
 from tests.support.gateway import BackgroundGet, GatewayProcess
-from tests.support.inference import metric, wait_for
 from tests.support.origin import Origin
+from tests.support.waiting import metric, wait_for
 from tests.support.worker import WorkerProcess
 
 

@@ -22,7 +22,8 @@ import pytest
 import requests
 
 from tests.support.gateway import GatewayProcess
-from tests.support.inference import events, metric, wait_for, wait_healthy
+from tests.support.inference import events, wait_healthy
+from tests.support.waiting import metric, wait_for
 from tests.support.worker import WorkerProcess
 
 CLOSE = {"Connection": "close"}  # a new connection per request: each may land on either process

@@ -19,7 +19,8 @@ from tests.conftest import require_binary
 from tests.integration.test_routing import Stream
 from tests.integration.test_safety import raw
 from tests.support.gateway import GatewayProcess
-from tests.support.inference import wait_for, wait_healthy
+from tests.support.inference import wait_healthy
+from tests.support.waiting import wait_for
 
 CLOSE = {"Connection": "close"}  # a new connection each time: either process may answer
 

@@ -20,9 +20,10 @@ import requests
 from proxygate.policy.keys import digest
 from tests.conftest import require_binary
 from tests.support.gateway import GatewayProcess
-from tests.support.inference import metric, wait_for, wait_healthy
+from tests.support.inference import wait_healthy
 from tests.support.origin import Origin
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import metric, wait_for
 
 TOKENS = {"alpha": "pg-alpha-secret-token", "beta": "pg-beta-secret-token", "gamma": "pg-gamma-secret-token"}
 
