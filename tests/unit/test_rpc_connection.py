@@ -299,5 +299,13 @@ def test_a_message_that_does_not_decode_ends_the_call_internal() -> None:
             await c.__anext__()
         assert info.value.code() == grpc.StatusCode.INTERNAL
         assert any(fr.kind == f.RST_STREAM for fr in peer.sent())
+        # The same when the call's end had arrived too: no silent end after "a".
+        c3 = peer.channel.unary_stream("/t.T/M", b"", inference_pb2.TokenResponse.FromString, 5)
+        peer.send(peer.response_head(3), message(good, 3), message(b"\xff\xff\xff", 3), message(good, 3))
+        peer.send(peer.trailers(3))
+        assert (await c3.__anext__()).token == "a"
+        with pytest.raises(RpcError) as again:
+            await c3.__anext__()
+        assert again.value.code() == grpc.StatusCode.INTERNAL
 
     run(test)

@@ -111,7 +111,12 @@ class Call(Generic[T]):
                 try:
                     return self._deserialize(body)
                 except Exception as exc:  # a message we cannot read ends the call, as grpc.aio does
-                    self._reset(RpcError(grpc.StatusCode.INTERNAL, f"cannot decode a response message: {exc}"))
+                    error = RpcError(grpc.StatusCode.INTERNAL, f"cannot decode a response message: {exc}")
+                    if self.done:  # the rest had arrived already: it ends here all the same
+                        self.messages.clear()
+                        self._error = error
+                    else:
+                        self._reset(error)
                     continue
             if self.done:
                 if self._error is None:
