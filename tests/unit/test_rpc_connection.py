@@ -280,6 +280,19 @@ def test_a_protocol_error_fails_every_call_and_drops_the_connection() -> None:
     run(test)
 
 
+def test_a_header_that_is_not_utf8_drops_the_connection_cleanly() -> None:
+    async def test(peer: Peer) -> None:
+        c = call(peer)
+        block = f.literal(b"x-bad", b"\xff\xfe")  # hpack reads values as UTF-8 and raises on these
+        peer.send(f.frame(f.HEADERS, f.END_HEADERS, 1, b"\x88" + block))
+        with pytest.raises(RpcError) as info:
+            await drain(c)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert peer.transport.closed
+
+    run(test)
+
+
 def test_grpc_timeout_uses_at_most_eight_digits() -> None:
     decoder = Decoder()
     for seconds, want in ((0.0000001, "1u"), (1.5, "1500000u"), (100.0, "100000m"), (1e6, "1000000S")):
