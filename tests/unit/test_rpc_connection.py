@@ -322,3 +322,25 @@ def test_a_message_that_does_not_decode_ends_the_call_internal() -> None:
         assert again.value.code() == grpc.StatusCode.INTERNAL
 
     run(test)
+
+
+def test_a_connection_attempt_that_never_completes_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxygate.rpc import channel as channel_module
+
+    monkeypatch.setattr(channel_module, "CONNECT_TIMEOUT", 0.05)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def never(*args: Any, **kwargs: Any) -> Any:  # a SYN nobody answers
+            await asyncio.sleep(3600)
+
+        loop.create_connection = never  # type: ignore[method-assign]
+        channel = Channel("127.0.0.1:1")
+        c = channel.unary_stream("/t.T/M", b"", bytes, 30)
+        with pytest.raises(RpcError) as info:
+            await drain(c)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert channel._connecting is None and channel._waiting == []
+
+    asyncio.run(main())

@@ -35,6 +35,9 @@ STREAM_WINDOW = 1 << 20  # what one call may have buffered here before its reade
 CONNECTION_WINDOW = 1 << 24
 MAX_MESSAGE = 16 * 1024 * 1024
 USER_AGENT = "proxygate"
+# A connection attempt to a host that never answers (SYN dropped) gives up after
+# this long, as grpc's channels do; calls have their own deadlines meanwhile.
+CONNECT_TIMEOUT = 20.0
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _HTTP_TO_CODE = {
@@ -490,10 +493,11 @@ class Channel:
     async def _connect(self) -> None:
         """Make the connection and open the calls waiting for it, or fail them."""
         try:
-            _, conn = await asyncio.get_running_loop().create_connection(
-                lambda: Connection(self), self._host, self._port
-            )
-        except (OSError, asyncio.CancelledError) as exc:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                _, conn = await asyncio.get_running_loop().create_connection(
+                    lambda: Connection(self), self._host, self._port
+                )
+        except (OSError, asyncio.CancelledError) as exc:  # TimeoutError is an OSError
             self._connecting = None
             waiting, self._waiting = self._waiting, []
             for call in waiting:
