@@ -7,8 +7,10 @@
     workers at 64 concurrent streams;
 (c) hf worker (SmolLM2-135M, CPU) tokens/s: one stream vs 8 concurrent streams;
 (d) the token path: 16 concurrent 16-token streams from a zero-latency echo
-    worker, requests/s direct (grpc.aio) vs through one gateway process on
-    both APIs (kept-alive connections), and the gateway's CPU per token.
+    worker, requests/s direct (grpc.aio; and the gateway's own gRPC client,
+    "direct-rpc") vs through one gateway process on both APIs (kept-alive
+    connections), and the gateway's CPU per token. "× direct" is against
+    grpc.aio.
 
 Run: .venv/bin/python bench/inference_bench.py [--skip-hf] [--only-tokens]
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -234,7 +237,8 @@ async def hf_rate(worker_port: int, streams: int, max_tokens: int) -> float:
 
 async def stream_rate(port: int, api: str, streams: int, tokens: int, seconds: float) -> tuple[float, int]:
     """(requests/s, tokens) of `streams` clients each streaming `tokens`-token requests back to back,
-    on one kept-alive connection each; `api` is "direct" (grpc.aio to the worker), "seed" or "openai"."""
+    on one kept-alive connection each; `api` is "direct" (grpc.aio to the worker), "direct-rpc" (the
+    gateway's own gRPC client, rpc.channel, to the worker), "seed" or "openai"."""
     prompt = " ".join(["tok"] * (tokens - 1))
     deadline = time.monotonic() + seconds
     done = 0
@@ -255,6 +259,27 @@ async def stream_rate(port: int, api: str, streams: int, tokens: int, seconds: f
         await asyncio.gather(*(one_direct() for _ in range(streams)))
         elapsed = time.monotonic() - start
         await channel.close()
+        return done / elapsed, seen
+    if api == "direct-rpc":  # the gateway's own gRPC client, called directly
+        from proxygate.rpc.channel import Channel
+
+        own = Channel(f"127.0.0.1:{port}")
+        raw = pb.GenerateRequest(
+            request_id="b", model="m", prompt=prompt, max_tokens=tokens, temperature=0.0
+        ).SerializeToString()
+
+        async def one_own() -> None:
+            nonlocal done, seen
+            while time.monotonic() < deadline:
+                call = own.unary_stream("/inference.ModelService/Generate", raw, pb.TokenResponse.FromString, 30)
+                async for msg in call:
+                    seen += 1 if msg.token else 0
+                done += 1
+
+        start = time.monotonic()
+        await asyncio.gather(*(one_own() for _ in range(streams)))
+        elapsed = time.monotonic() - start
+        await own.close()
         return done / elapsed, seen
     if api == "seed":
         path, body, marker = b"/v1/inference", {"prompt": prompt, "max_tokens": tokens}, b'"token":'
@@ -295,12 +320,15 @@ def token_path(args: argparse.Namespace, logs: Path, lines: list[str], procs: li
     gw = gateway(g_port, [w_port], logs / "bench-gw-d.log")
     procs.append(gw)
     runs: dict[str, list[tuple[float, float]]] = {"direct": [], "seed": [], "openai": []}
+    if importlib.util.find_spec("proxygate.rpc") is not None:  # absent in checkouts before it
+        runs["direct-rpc"] = []
     for _ in range(args.runs):
         for api in runs:
+            direct = api.startswith("direct")
             cpu0 = cpu_seconds(gw.pid)
-            rate, tokens = asyncio.run(stream_rate(w_port if api == "direct" else g_port, api, 16, 16, args.seconds))
+            rate, tokens = asyncio.run(stream_rate(w_port if direct else g_port, api, 16, 16, args.seconds))
             cpu = cpu_seconds(gw.pid) - cpu0
-            runs[api].append((rate, cpu / tokens * 1e6 if api != "direct" and tokens else float("nan")))
+            runs[api].append((rate, cpu / tokens * 1e6 if not direct and tokens else float("nan")))
     direct = statistics.median(r for r, _ in runs["direct"])
     lines += [
         "### (d) the token path: 16 concurrent 16-token streams, zero-latency echo worker, kept-alive connections",
@@ -311,7 +339,7 @@ def token_path(args: argparse.Namespace, logs: Path, lines: list[str], procs: li
     for api, rs in runs.items():
         rate = statistics.median(r for r, _ in rs)
         cpu = statistics.median(c for _, c in rs)
-        cpu_cell = "–" if api == "direct" else f"{cpu:.0f}"
+        cpu_cell = "–" if api.startswith("direct") else f"{cpu:.0f}"
         lines.append(
             f"| {api} | {rate:.0f} | {', '.join(f'{r:.0f}' for r, _ in rs)} | {rate / direct:.2f}× | {cpu_cell} |"
         )
