@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib.util
 import json
 import statistics
@@ -243,43 +244,31 @@ async def stream_rate(port: int, api: str, streams: int, tokens: int, seconds: f
     deadline = time.monotonic() + seconds
     done = 0
     seen = 0
-    if api == "direct":
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        stub = pbg.ModelServiceStub(channel)
+    if api in ("direct", "direct-rpc"):
         request = pb.GenerateRequest(request_id="b", model="m", prompt=prompt, max_tokens=tokens, temperature=0.0)
+        if api == "direct":
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            call = functools.partial(pbg.ModelServiceStub(channel).Generate, request)
+            close = channel.close
+        else:  # the gateway's own gRPC client, called directly
+            from proxygate.rpc.channel import Channel
+
+            own = Channel(f"127.0.0.1:{port}")
+            generate, decode = "/inference.ModelService/Generate", pb.TokenResponse.FromString
+            call = functools.partial(own.unary_stream, generate, request.SerializeToString(), decode, 30)
+            close = own.close
 
         async def one_direct() -> None:
             nonlocal done, seen
             while time.monotonic() < deadline:
-                async for msg in stub.Generate(request):
+                async for msg in call():
                     seen += 1 if msg.token else 0
                 done += 1
 
         start = time.monotonic()
         await asyncio.gather(*(one_direct() for _ in range(streams)))
         elapsed = time.monotonic() - start
-        await channel.close()
-        return done / elapsed, seen
-    if api == "direct-rpc":  # the gateway's own gRPC client, called directly
-        from proxygate.rpc.channel import Channel
-
-        own = Channel(f"127.0.0.1:{port}")
-        raw = pb.GenerateRequest(
-            request_id="b", model="m", prompt=prompt, max_tokens=tokens, temperature=0.0
-        ).SerializeToString()
-
-        async def one_own() -> None:
-            nonlocal done, seen
-            while time.monotonic() < deadline:
-                call = own.unary_stream("/inference.ModelService/Generate", raw, pb.TokenResponse.FromString, 30)
-                async for msg in call:
-                    seen += 1 if msg.token else 0
-                done += 1
-
-        start = time.monotonic()
-        await asyncio.gather(*(one_own() for _ in range(streams)))
-        elapsed = time.monotonic() - start
-        await own.close()
+        await close()
         return done / elapsed, seen
     if api == "seed":
         path, body, marker = b"/v1/inference", {"prompt": prompt, "max_tokens": tokens}, b'"token":'

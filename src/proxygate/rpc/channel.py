@@ -53,7 +53,7 @@ _HTTP_TO_CODE = {
 _RST_TO_CODE = {
     f.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE,  # the server did not start it: safe to retry
     f.CANCEL: grpc.StatusCode.CANCELLED,
-    0xB: grpc.StatusCode.RESOURCE_EXHAUSTED,  # ENHANCE_YOUR_CALM
+    f.ENHANCE_YOUR_CALM: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -165,7 +165,10 @@ class Call(Generic[T]):
             self.messages.extend(messages)
             self._wake()
 
-    def headers(self, fields: list[tuple[str, str]], end_stream: bool) -> None:
+    def headers(self, fields: list[tuple[str, str]]) -> None:
+        """A header block: the response's head, or its trailers (its status).
+
+        A head that also ends the stream is left to `ended_without_trailers`."""
         if self.done:
             return
         values = dict(fields)
@@ -177,8 +180,6 @@ class Call(Generic[T]):
                 self._reset(RpcError(code, f"HTTP status {status or 'missing'} from the worker"))
                 return
             if "grpc-status" not in values:  # response headers; messages and trailers follow
-                if end_stream:
-                    self.finish(RpcError(grpc.StatusCode.INTERNAL, "stream ended without a status"))
                 return
         self.finish(_status_error(values, self.reader.pending))
 
@@ -401,7 +402,7 @@ class Connection(asyncio.Protocol):
         fields = self._decoder.decode(block)  # always: the decoder's table must follow the peer's
         call = self.streams.get(stream)
         if call is not None:
-            call.headers(fields, bool(flags & f.END_STREAM))  # type: ignore[arg-type]
+            call.headers(fields)  # type: ignore[arg-type]
             if flags & f.END_STREAM and not call.done:
                 call.ended_without_trailers()
 

@@ -33,18 +33,15 @@ PADDED = 0x8
 PRIORITY = 0x20
 
 # Settings.
-SETTINGS_HEADER_TABLE_SIZE = 0x1
 SETTINGS_ENABLE_PUSH = 0x2
-SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
 SETTINGS_INITIAL_WINDOW_SIZE = 0x4
 SETTINGS_MAX_FRAME_SIZE = 0x5
 SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
 
 # Error codes (RST_STREAM, GOAWAY).
-NO_ERROR = 0x0
-PROTOCOL_ERROR = 0x1
-CANCEL = 0x8
 REFUSED_STREAM = 0x7
+CANCEL = 0x8
+ENHANCE_YOUR_CALM = 0xB
 
 DEFAULT_WINDOW = 65_535
 DEFAULT_MAX_FRAME = 16_384
@@ -206,39 +203,24 @@ class MessageReader:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
-        buf = self._buf
-        if not buf and len(data) >= 5:  # the common case: whole messages in one frame, no copy
-            messages = self._split(data)
-            if messages is not None:
-                return messages
-        buf += data
+        if self._buf:  # a message began in an earlier frame
+            self._buf += data
+            data = bytes(self._buf)
+            self._buf.clear()
         out: list[bytes] = []
-        pos = 0
-        while len(buf) - pos >= 5:
-            compressed, length = struct.unpack_from(">BI", buf, pos)
+        pos, end = 0, len(data)
+        while end - pos >= 5:
+            compressed, length = struct.unpack_from(">BI", data, pos)
             if compressed:
                 raise ProtocolError("compressed gRPC message, and we asked for none")
             if length > self.max_message:
                 raise ProtocolError(f"gRPC message of {length} bytes exceeds {self.max_message}")
-            if len(buf) - pos - 5 < length:
+            if end - pos - 5 < length:
                 break
-            out.append(bytes(buf[pos + 5 : pos + 5 + length]))
-            pos += 5 + length
-        del buf[:pos]
-        return out
-
-    def _split(self, data: bytes) -> list[bytes] | None:
-        """`data` as whole messages, or None when it ends inside one."""
-        out: list[bytes] = []
-        pos, end = 0, len(data)
-        while pos < end:
-            if end - pos < 5:
-                return None
-            compressed, length = struct.unpack_from(">BI", data, pos)
-            if compressed or length > self.max_message or end - pos - 5 < length:
-                return None
             out.append(data[pos + 5 : pos + 5 + length])
             pos += 5 + length
+        if pos < end:
+            self._buf += data[pos:]
         return out
 
     @property
