@@ -8,13 +8,22 @@ per request (parse, policies, forward, parse the response, write it, log
 and count it), without the kernel, the client or the origin that share the
 CPU in `proxy_bench.py`. Keep-alive on both sides, as wrk's c=N runs.
 
-    .venv/bin/python bench/hotpath_bench.py [--requests 20000] [--runs 5] [--clients 1] [--connect]
+    .venv/bin/python bench/hotpath_bench.py [--requests 20000] [--runs 5] [--clients 1]
+        [--connect | --new-connections] [--instructions]
 
 Prints the median CPU microseconds per request over the runs (and each
 run). With `--clients N`, N connections each keep one request in flight.
 With `--connect`, each request is a new client connection that opens a
 CONNECT tunnel, gets its 200 and closes (the tunnel's upstream closes in
 turn): the Python cost of a tunnel's life, without the socket calls.
+With `--new-connections`, each request comes on a new client connection
+(`Connection: close`, as `hey -disable-keepalive` sends it), the upstream
+connection pooled. With `--instructions`, each measure is instead the
+instructions executed per request, counted by valgrind's callgrind (runs of
+N and 2N requests, so what does not grow with the requests cancels out):
+the same count whatever else the machine is doing, so a before/after of a
+few percent holds on a noisy machine (use `--requests 1000`; valgrind is
+about 50 times slower).
 With `--inference TOKENS`, each request is a new client connection that
 POSTs a greedy `/v1/inference` request for TOKENS tokens to a real
 zero-latency echo worker (a subprocess, over gRPC) and reads the SSE stream
@@ -31,12 +40,14 @@ import dataclasses
 import gc
 import itertools
 import os
+import re
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +210,33 @@ async def connect_once(requests: int) -> float:
     return cpu
 
 
+async def new_connection_once(requests: int) -> float:
+    """CPU per proxied request on a new client connection (`Connection: close`, as
+    `hey -disable-keepalive` sends), the upstream connection pooled."""
+    devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    gateway = build_gateway(bench_settings(), access_log=AccessLog("json", stream=devnull))
+    gateway.pool.dialer = FakeOrigin()  # type: ignore[assignment]
+    gateway.bound(3128)
+    request = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+
+    def one() -> None:
+        conn = ClientConnection(gateway)
+
+        def received(data: bytes) -> None:
+            if not data.startswith(b"HTTP/1.1 200 "):
+                raise SystemExit(f"not a 200: {data[:80]!r}")
+
+        transport = Transport(received, ("127.0.0.1", 40000))
+        transport.protocol = conn
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn.data_received(request)
+
+    cpu = await serially(gateway, requests, one)
+    gateway.access_log.flush()
+    devnull.close()
+    return cpu
+
+
 async def run_once(requests: int, clients: int) -> float:
     settings = bench_settings()
     devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
@@ -314,6 +352,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--connect", action="store_true", help="CONNECT tunnels, a new connection each")
+    parser.add_argument("--new-connections", action="store_true", help="a new client connection per request")
+    parser.add_argument(
+        "--instructions", action="store_true", help="count instructions per request with callgrind instead of CPU time"
+    )
+    parser.add_argument("--callgrind-toggle", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--inference", type=int, metavar="TOKENS", help="inference streams of TOKENS tokens")
     parser.add_argument("--api", choices=("seed", "openai"), default="seed", help="with --inference")
     parser.add_argument("--no-coalesce", action="store_true", help="with --inference: --coalesce off")
@@ -343,18 +386,71 @@ def main() -> None:
         )
         return
 
-    if args.connect:
-        runs = [uvloop.run(connect_once(args.requests)) for _ in range(args.runs)]
-        print(
-            f"CPU per CONNECT tunnel: median {statistics.median(runs):.1f} us "
-            f"(runs: {', '.join(f'{r:.1f}' for r in runs)}; {args.requests} tunnels)"
-        )
+    what = (
+        "CONNECT tunnel"
+        if args.connect
+        else "proxied request on a new connection"
+        if args.new_connections
+        else "proxied request"
+    )
+    if args.callgrind_toggle:
+        # Under callgrind (see instructions_per_request): count only the measured run.
+        uvloop.run(one_run(args, min(300, args.requests)))
+        subprocess.run(["callgrind_control", "-i", "on", str(os.getpid())], check=True, stdout=subprocess.DEVNULL)
+        uvloop.run(one_run(args, args.requests))
+        subprocess.run(["callgrind_control", "-i", "off", str(os.getpid())], check=True, stdout=subprocess.DEVNULL)
         return
-    runs = [uvloop.run(run_once(args.requests, args.clients)) for _ in range(args.runs)]
+    if args.instructions:
+        print(f"instructions per {what}: {instructions_per_request(args):,.0f} (callgrind, {args.requests} requests)")
+        return
+    runs = [uvloop.run(one_run(args, args.requests)) for _ in range(args.runs)]
     print(
-        f"CPU per proxied request: median {statistics.median(runs):.1f} us "
+        f"CPU per {what}: median {statistics.median(runs):.1f} us "
         f"(runs: {', '.join(f'{r:.1f}' for r in runs)}; {args.requests} requests, {args.clients} client(s))"
     )
+
+
+def one_run(args: argparse.Namespace, requests: int) -> Coroutine[Any, Any, float]:
+    if args.connect:
+        return connect_once(requests)
+    if args.new_connections:
+        return new_connection_once(requests)
+    return run_once(requests, args.clients)
+
+
+def instructions_per_request(args: argparse.Namespace) -> float:
+    """Instructions per request of the measured part, counted by callgrind: the same
+    count whatever else the machine is doing, so before/after comparisons of a few
+    percent hold on a noisy machine where CPU time does not.
+
+    Two runs, of N and 2N requests: what does not grow with the requests
+    (building the gateway) cancels out in the difference.
+    """
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        raise SystemExit("--instructions needs valgrind: apt-get install -y valgrind")
+    mode = ["--connect"] if args.connect else ["--new-connections"] if args.new_connections else []
+    counts = []
+    for n in (args.requests, 2 * args.requests):
+        cmd = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            __file__,
+            *mode,
+            "--clients",
+            str(args.clients),
+            "--requests",
+            str(n),
+            "--callgrind-toggle",
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        found = re.search(r"Collected : (\d+)", done.stderr)
+        if done.returncode or not found:
+            raise SystemExit(f"callgrind failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
+        counts.append(int(found.group(1)))
+    return (counts[1] - counts[0]) / args.requests
 
 
 if __name__ == "__main__":
