@@ -45,6 +45,16 @@ def test_matching(host: str, blocked: bool) -> None:
     assert LIST.is_blocked(host) is blocked
 
 
+def test_remembered_verdicts_stay_right_past_the_bound() -> None:
+    blocklist = Blocklist.from_entries(["example.com", "*.ads.com"])
+    for round_ in range(2):  # the second round is answered from the remembered verdicts
+        for i in range(5000):  # more hosts than are remembered: the memo is cleared on the way
+            assert blocklist.is_blocked(f"h{i}.ads.com") is True, (round_, i)
+            assert blocklist.is_blocked(f"h{i}.example.com") is False, (round_, i)
+        assert blocklist.is_blocked("EXAMPLE.com.") is True
+    assert Blocklist.from_entries(["example.com"]) == Blocklist.from_entries(["example.com"])
+
+
 def test_normalize_host() -> None:
     assert normalize_host("Example.COM.:443") == "example.com"
     assert normalize_host("[::1]:8080") == "::1"

@@ -11,11 +11,12 @@ import ipaddress
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..watched_file import WatchedFile
 
 log = logging.getLogger("proxygate.blocklist")
+_VERDICTS_MAX = 4096
 
 
 def normalize_host(host: str) -> str:
@@ -50,6 +51,10 @@ class Blocklist:
     # For `*.ads.com` we store `ads.com`: it blocks every name with more labels
     # ending in `.ads.com`, never `ads.com` itself nor `badads.com`.
     wildcard_parents: frozenset[str] = frozenset()
+    # Verdicts by host as asked: the lists never change, so an answer stays
+    # true, and a proxied request costs one lookup instead of normalising
+    # its host again. Bounded: cleared when full.
+    _verdicts: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_entries(cls, entries: Iterable[str]) -> Blocklist:
@@ -75,7 +80,15 @@ class Blocklist:
 
     def is_blocked(self, host: str) -> bool:
         """Whether `host` (any spelling: case, port, trailing dot, brackets) is blocked."""
-        name = normalize_host(host)
+        verdict = self._verdicts.get(host)
+        if verdict is None:
+            verdict = self._decide(normalize_host(host))
+            if len(self._verdicts) >= _VERDICTS_MAX:
+                self._verdicts.clear()
+            self._verdicts[host] = verdict
+        return verdict
+
+    def _decide(self, name: str) -> bool:
         if name in self.exact:
             return True
         parents = self.wildcard_parents
