@@ -55,19 +55,25 @@ class BucketSpec:
 
     def take(self, level: float, last: float, now: float, cost: float = 1.0) -> tuple[bool, float]:
         """Admit or reject one request; (allowed, level after) — store both with `now`."""
-        current = self.drained(level, last, now)
+        return self.charge(level, last, now, cost, False)
+
+    def charge(self, level: float, last: float, now: float, cost: float, force: bool) -> tuple[bool, float]:
+        """`take`, or with `force` an unconditional charge (a negative cost gives units back)."""
+        # `drained`, written out without max() calls: this runs for every request.
+        elapsed = now - last
+        current = level - elapsed * self.rate if elapsed > 0.0 else level
+        if current < 0.0:
+            current = 0.0
+        if force:
+            return True, current + cost if current + cost > 0.0 else 0.0
         if current + cost <= self.capacity + 1e-9:
             return True, current + cost
         return False, current
 
-    def charge(self, level: float, last: float, now: float, cost: float, force: bool) -> tuple[bool, float]:
-        """`take`, or with `force` an unconditional charge (a negative cost gives units back)."""
-        if not force:
-            return self.take(level, last, now, cost)
-        return True, max(0.0, self.drained(level, last, now) + cost)
-
     def decision(self, allowed: bool, level: float, cost: float = 1.0) -> Decision:
-        remaining = max(0, math.floor(self.capacity - level + 1e-9))
+        remaining = int(self.capacity - level + 1e-9)  # floor, for the values kept
+        if remaining < 0:
+            remaining = 0
         retry = 0.0 if allowed else max(0.0, (level + cost - self.capacity) / self.rate)
         return Decision(allowed, self.capacity, remaining, retry, level / self.rate)
 
