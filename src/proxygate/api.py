@@ -39,6 +39,8 @@ class ApiRouter:
 
 def origin_path(target: bytes) -> bytes:
     """The path of an origin-form target, without query or fragment."""
+    if b"?" not in target and b"#" not in target:
+        return target  # the usual case, without a search per separator
     end = len(target)
     for sep in (b"?", b"#"):
         pos = target.find(sep)

@@ -263,10 +263,11 @@ class Gateway:
         status = ex.status or 499  # 499: the client went away before an answer
         self.metrics.observe_request(req.method, status, elapsed, ex.bytes_out)
         if not req.logged_elsewhere:
-            self.log_request(req, ex)
+            self.log_request(req, ex, elapsed)
 
-    def log_request(self, req: Request, ex: Exchange) -> None:
-        """The request's access-log line (and its recent-errors entry if it failed)."""
+    def log_request(self, req: Request, ex: Exchange, elapsed: float | None = None) -> None:
+        """The request's access-log line (and its recent-errors entry if it failed);
+        `elapsed` is the request's time so far when the caller has just read the clock."""
         host, path = _log_host_path(req)
         body = req.body
         status = ex.status or 499
@@ -287,7 +288,7 @@ class Gateway:
             host=host,
             path=path,
             client_ip=req.peer_ip,
-            duration_ms=(time.perf_counter() - req.started) * 1000.0,
+            duration_ms=(elapsed if elapsed is not None else time.perf_counter() - req.started) * 1000.0,
             bytes_in=ex.bytes_in if ex.bytes_in is not None else body.received if body is not None else 0,
             bytes_out=ex.bytes_out,
             fields=req.log_fields,

@@ -147,13 +147,15 @@ class AccessLog:
                 f'"status":{status},"method":"{method}","host":{_json_str(host)},'
                 f'"path":{_json_str(path)},"client_ip":"{client_ip}","duration_ms":{duration_ms:.3f},'
                 f'"bytes_in":{bytes_in},"bytes_out":{bytes_out}'
-                + "".join(f",{_json_str(k)}:{_json_str(v)}" for k, v in fields)
+                + ("".join(f",{_json_str(k)}:{_json_str(v)}" for k, v in fields) if fields else "")
                 + "}\n"
             )
         else:
             line = (
                 f"{stamp} {client_ip} {request_id} {method} {host}{path} {status} "
-                f"{duration_ms:.1f}ms in={bytes_in} out={bytes_out}" + "".join(f" {k}={v}" for k, v in fields) + "\n"
+                f"{duration_ms:.1f}ms in={bytes_in} out={bytes_out}"
+                + ("".join(f" {k}={v}" for k, v in fields) if fields else "")
+                + "\n"
             )
         data = line.encode("utf-8", "replace")
         self._lines.append(data)
