@@ -77,6 +77,7 @@ class Gateway:
         self.parts = parts
         self.settings = parts.settings
         self.metrics = parts.metrics
+        self.connection_stats = parts.metrics.connection_stats
         self.access_log = parts.access_log
         self.writes = parts.writes
         self.blocklist = parts.blocklist
@@ -121,11 +122,11 @@ class Gateway:
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self.track(conn)
-        self.metrics.active_connections.inc()
+        self.connection_stats.open_connections += 1
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.untrack(conn)
-        self.metrics.active_connections.dec()
+        self.connection_stats.open_connections -= 1
 
     def track(self, conn: ClientConnection) -> None:
         """A connection that shutdown waits for (a client's, or a relayed one)."""

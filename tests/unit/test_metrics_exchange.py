@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
+from proxygate.observability.connection_stats import ConnectionStats
 from proxygate.observability.metrics_exchange import MetricsExchange, merge, snapshot
 
 
@@ -50,3 +51,37 @@ def test_exchange_renders_live_metrics_plus_published_peers(tmp_path) -> None:
     text = generate_latest(registry).decode()
     assert 'reqs_total{code="200"} 7.0' in text
     assert "latency_count 7.0" in text
+
+
+def test_connection_stats_export_the_contract_names_and_add_across_processes() -> None:
+    def process(open_conns: int, tunnels: dict[str, int], up: int) -> CollectorRegistry:
+        r = CollectorRegistry()
+        stats = ConnectionStats()
+        r.register(stats)
+        stats.open_connections = open_conns
+        stats.open_tunnels = open_conns // 2
+        for result, n in tunnels.items():
+            for _ in range(n):
+                stats.tunnel_ended(result)
+        stats.bytes_up, stats.bytes_down = up, 2 * up
+        return r
+
+    a = process(4, {"closed": 3, "denied": 1}, 100)
+    text = generate_latest(a).decode()
+    for line in (
+        "proxy_active_connections 4.0",
+        "proxy_active_tunnels 2.0",
+        'proxy_tunnels_total{result="closed"} 3.0',
+        'proxy_tunnels_total{result="denied"} 1.0',
+        'proxy_tunnel_bytes_total{direction="up"} 100.0',
+        'proxy_tunnel_bytes_total{direction="down"} 200.0',
+    ):
+        assert line in text.splitlines(), line
+    # Before any tunnel ends, "closed" is already there at zero (as a labelled child bound at start was).
+    assert 'proxy_tunnels_total{result="closed"} 0.0' in generate_latest(process(0, {}, 0)).decode()
+    merged = values(merge([snapshot(a), snapshot(process(2, {"idle_timeout": 2}, 5))]))
+    assert merged[("proxy_active_connections", ())] == 6
+    assert merged[("proxy_active_tunnels", ())] == 3
+    assert merged[("proxy_tunnels_total", (("result", "closed"),))] == 3
+    assert merged[("proxy_tunnels_total", (("result", "idle_timeout"),))] == 2
+    assert merged[("proxy_tunnel_bytes_total", (("direction", "down"),))] == 210

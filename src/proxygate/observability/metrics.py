@@ -2,15 +2,17 @@
 
 Names, labels and buckets of the seed are kept (docs/contract.md, "Metrics"); label
 values come from bounded sets only. The per-request families live in
-`RequestStats` (plain counters exported at scrape time); the rest are
+`RequestStats`, and the connection and tunnel ones in `ConnectionStats`
+(plain counters exported at scrape time); the rest are
 prometheus_client objects updated off the hot path.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from .connection_stats import ConnectionStats
 from .metrics_exchange import ErrorEntry, Family, MetricsExchange, snapshot
 from .recent_errors import RecentErrors
 from .request_stats import RequestStats, method_label
@@ -30,18 +32,14 @@ class GatewayMetrics:
         r = self.registry
         self.request_stats = RequestStats()
         r.register(self.request_stats)
+        self.connection_stats = ConnectionStats()
+        r.register(self.connection_stats)
         self.blocked = Counter("proxy_blocked_requests_total", "Requests refused by the blocklist", registry=r)
-        self.active_connections = Gauge("proxy_active_connections", "Open client connections", registry=r)
         self.denied = Counter(
             "proxy_denied_requests_total", "Requests refused by destination policy", ["rule"], registry=r
         )
         self.upstream_errors = Counter(
             "proxy_upstream_errors_total", "Failures reaching an origin", ["kind"], registry=r
-        )
-        self.tunnels = Counter("proxy_tunnels_total", "CONNECT tunnels, by how they ended", ["result"], registry=r)
-        self.active_tunnels = Gauge("proxy_active_tunnels", "Open CONNECT tunnels", registry=r)
-        self.tunnel_bytes = Counter(
-            "proxy_tunnel_bytes_total", "Bytes relayed through tunnels", ["direction"], registry=r
         )
         self.rate_limited = Counter(
             "rate_limited_requests_total", "Requests refused by the rate limiter", ["endpoint"], registry=r

@@ -43,10 +43,7 @@ class ConnectHandler:
         self.dialer = dialer
         self.metrics = metrics
         self.idle_timeout = idle_timeout
-        # Looked up once: a labelled child costs a lookup (and a lock) per call.
-        self._closed = metrics.tunnels.labels("closed")
-        self._bytes_up = metrics.tunnel_bytes.labels("up")
-        self._bytes_down = metrics.tunnel_bytes.labels("down")
+        self.stats = metrics.connection_stats
 
     async def handle(self, req: Request, ex: Exchange, host: str, port: int) -> None:
         ex.close_when_done()
@@ -60,19 +57,20 @@ class ConnectHandler:
             tunnel = await self.open(req, ex, host, port)
         except DestinationDenied:
             metrics.denied.labels("connect").inc()
-            metrics.tunnels.labels("denied").inc()
+            self.stats.tunnel_ended("denied")
             raise
         except HttpError:
-            metrics.tunnels.labels("dial_failed").inc()
+            self.stats.tunnel_ended("dial_failed")
             raise
-        metrics.active_tunnels.inc()
+        stats = self.stats
+        stats.open_tunnels += 1
         try:
             why = await tunnel.done
         finally:
-            metrics.active_tunnels.dec()
-            self._bytes_up.inc(tunnel.bytes_up)
-            self._bytes_down.inc(tunnel.bytes_down)
-        (metrics.tunnels.labels("idle_timeout") if why == "idle timeout" else self._closed).inc()
+            stats.open_tunnels -= 1
+            stats.bytes_up += tunnel.bytes_up
+            stats.bytes_down += tunnel.bytes_down
+        stats.tunnel_ended("idle_timeout" if why == "idle timeout" else "closed")
         ex.relayed(tunnel.bytes_up, tunnel.bytes_down)
 
     async def open(self, req: Request, ex: Exchange, host: str, port: int) -> Tunnel:
