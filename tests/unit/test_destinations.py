@@ -109,3 +109,14 @@ def test_dns_failure_is_502() -> None:
     dialer = Dialer(policy(), 1.0, getaddrinfo=failing_getaddrinfo)
     with pytest.raises(BadGateway, match="cannot resolve nowhere.test"):
         asyncio.run(dialer.resolve("nowhere.test", 80))
+
+
+def test_remembered_denials_stay_right_past_the_bound() -> None:
+    p = policy()
+    for round_ in range(2):  # the second round is answered from the remembered verdicts
+        for i in range(5000):  # more addresses than are remembered: the memo is cleared on the way
+            denied = ipaddress.ip_address(f"169.254.{i // 256}.{i % 256}")
+            with pytest.raises(DestinationDenied, match="169.254.0.0/16"):
+                p.allowed_addresses("h", 443, [(denied, (str(denied), 443))])
+            public = f"93.184.{i // 256}.{i % 256}"
+            assert p.allowed_addresses("h", 443, addrs(public)) == addrs(public), (round_, i)

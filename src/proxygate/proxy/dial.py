@@ -8,6 +8,7 @@ resolve or a refused connection → 502, a dial timeout → 504, a policy refusa
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import socket
@@ -26,6 +27,16 @@ _DNS_TTL = 10.0
 _DNS_CACHE_MAX = 4096
 
 
+@functools.lru_cache(maxsize=4096)
+def _ip_literal(host: str) -> IPAddress | None:
+    """`host` as an address when it is one (remembered: parsing costs about
+    20,000 instructions, and a CONNECT to an address asks for each tunnel)."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
 class Dialer:
     def __init__(
         self,
@@ -39,11 +50,8 @@ class Dialer:
         self._dns: dict[str, tuple[float, list[tuple[IPAddress, SockAddr]]]] = {}
 
     async def resolve(self, host: str, port: int) -> list[tuple[IPAddress, SockAddr]]:
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            pass
-        else:
+        ip = _ip_literal(host)
+        if ip is not None:
             sockaddr: SockAddr = (host, port) if ip.version == 4 else (host, port, 0, 0)
             return [(ip, sockaddr)]
         if not _HOSTNAME.fullmatch(host) or len(host) > 253:
