@@ -113,7 +113,7 @@ def render_head(version: bytes, status: int, headers: Headers, tail: bytes = b""
     """Status line, `headers`, then `tail` (header lines already rendered) and the blank line."""
     parts = [status_line(version, status)]
     for name, value in headers:
-        parts.append(name + b": " + value + b"\r\n")
+        parts += (name, b": ", value, b"\r\n")  # one join at the end: no bytes made per header
     parts.append(tail)
     parts.append(b"\r\n")
     return b"".join(parts)

@@ -135,7 +135,8 @@ class Forwarder:
     def request_head(self, req: Request, target: Target) -> bytes:
         headers = end_to_end(req.headers, skip=self.request_skip)
         lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (req.method.encode(), target.path, target.authority)]
-        lines.extend(name + b": " + value + b"\r\n" for name, value in headers)
+        for name, value in headers:
+            lines += (name, b": ", value, b"\r\n")  # one join at the end: no bytes made per header
         if req.body is not None:
             if req.chunked or req.content_length is None:
                 lines.append(b"Transfer-Encoding: chunked\r\n")

@@ -206,14 +206,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._informational = True
             return
         self._informational = False
-        head = ResponseHead(
-            status=status,
-            version=parser.get_http_version().encode("ascii"),
-            headers=self._headers,
-            keep_alive=parser.should_keep_alive(),
-            content_length=self._content_length,
-            chunked=self._chunked,
-            connection_named=self._named - RESPONSE_SKIP if self._named else None,
+        head = ResponseHead(  # positional: cheaper than keywords, once per response
+            status,
+            parser.get_http_version().encode("ascii"),  # version
+            self._headers,
+            parser.should_keep_alive(),
+            self._content_length,
+            self._chunked,
+            self._named - RESPONSE_SKIP if self._named else None,  # connection_named
         )
         no_body = self._head_only or status in (204, 304) or self._content_length == 0
         self.body = BodyBuffer(self.transport)
