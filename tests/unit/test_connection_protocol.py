@@ -445,6 +445,37 @@ def test_a_pooled_connection_the_origin_closed_is_retried_once_on_a_fresh_one() 
     run(test)
 
 
+def test_an_origin_silent_after_the_request_is_a_504_read_timeout_after_that_request() -> None:
+    async def test(clock: VirtualClock) -> None:
+        origin = FakeOrigin()
+        conn, t = connect(forwarding_app(origin))  # read_timeout 30 s
+        conn.data_received(b"GET http://o.test/a HTTP/1.1\r\nHost: o.test\r\n\r\n")
+        await settle()
+        transport, upstream = origin.opened[0]
+        transport.take()
+        await asyncio.sleep(29)  # virtual: just inside the limit
+        upstream.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await settle()
+        assert [status for status, _, _ in responses(t.take())] == [200]
+        await asyncio.sleep(20)
+        # The second request on the same pooled connection gets its own 30 s,
+        # counted from when it was sent (the first one's deadline has moved).
+        sent = clock.now
+        conn.data_received(b"GET http://o.test/b HTTP/1.1\r\nHost: o.test\r\n\r\n")
+        await settle()
+        assert transport.take().startswith(b"GET /b ")
+        for _ in range(40):
+            if t.out:
+                break
+            await asyncio.sleep(1)
+        ((status, _, body),) = responses(t.take())
+        assert status == 504 and b"sent no response within 30s" in body
+        assert 30.0 <= clock.now - sent <= 31.0
+        assert upstream.closed and len(origin.opened) == 1  # the silent connection is not pooled again
+
+    run(test)
+
+
 # ---- CONNECT: the socket leaves HTTP for the tunnel ------------------------------------
 
 

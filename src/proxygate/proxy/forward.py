@@ -30,23 +30,6 @@ VIA = (b"Via", b"1.1 proxygate")
 _REQUEST_SKIP = HOP_BY_HOP | {b"host", b"expect", b"x-request-id", b"content-length"}
 
 
-def _expire(fut: asyncio.Future[ResponseHead]) -> None:
-    if not fut.done():
-        fut.set_exception(asyncio.TimeoutError())
-
-
-async def _with_deadline(fut: asyncio.Future[ResponseHead], timeout: float | None) -> None:
-    """Await `fut`, failing it with TimeoutError after `timeout` (cheaper than wait_for)."""
-    if not timeout:
-        await fut
-        return
-    timer = fut.get_loop().call_later(timeout, _expire, fut)
-    try:
-        await fut
-    finally:
-        timer.cancel()
-
-
 class Target:
     """The parsed authority and origin-form path of an absolute-form URL."""
 
@@ -176,7 +159,8 @@ class Forwarder:
                 if req.body is not None:
                     await self._send_body(req, upstream, ex, response)
                 if not response.done():
-                    await _with_deadline(response, self.read_timeout)
+                    upstream.expect_head_within(self.read_timeout)
+                    await response
                 return upstream, response.result()
             except UpstreamClosed as exc:
                 upstream.abort()

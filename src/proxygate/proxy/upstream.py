@@ -19,6 +19,7 @@ from typing import Protocol, TypeVar
 
 import httptools
 
+from ..http.deadline import READ, Deadline
 from ..http.flow import BodyBuffer, WriteFlow
 from ..http.message import Headers
 from ..http.write_batch import WriteBatch
@@ -74,6 +75,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._at_boundary = False
         self._head: asyncio.Future[ResponseHead] | None = None
         self._head_only = False
+        # When the response head must have come (expect_head_within); made on first use.
+        self._deadline: Deadline | None = None
         self._headers: Headers = []
         self._named: set[bytes] | None = None
         self._content_length: int | None = None
@@ -103,6 +106,24 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is None or self.closed:
             raise UpstreamClosed("upstream connection closed")
         self._writes.write(self.transport, data)
+
+    def expect_head_within(self, timeout: float | None) -> None:
+        """Fail the wait for this exchange's response head with TimeoutError if it
+        has not come `timeout` seconds from now (no limit for None or 0).
+
+        The deadline moves lazily (http/deadline.py), so a kept-alive
+        connection pays no loop timer per exchange.
+        """
+        if not timeout:
+            return
+        if self._deadline is None:
+            self._deadline = Deadline(self._loop, self._head_overdue)
+        self._deadline.arm(timeout, READ)
+
+    def _head_overdue(self, _kind: int) -> None:
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(asyncio.TimeoutError())
 
     def park(self) -> None:
         """Between exchanges: any byte that arrives now is a protocol error."""
@@ -138,6 +159,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._on_close(exc)
         self.closed = True
         self.flow.close()
+        if self._deadline is not None:
+            self._deadline.cancel()
 
     def pause_writing(self) -> None:
         self.flow.pause()
@@ -206,6 +229,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._informational = True
             return
         self._informational = False
+        if self._deadline is not None:
+            self._deadline.disarm()
         head = ResponseHead(  # positional: cheaper than keywords, once per response
             status,
             parser.get_http_version().encode("ascii"),  # version
