@@ -20,6 +20,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 CONNECTION_HEADERS = frozenset({b"connection", b"proxy-connection"})
+_CLOSE = frozenset({b"close"})
 # What a response loses on its way to the client: hop-by-hop headers, and the
 # request id (every response carries ours).
 RESPONSE_SKIP = HOP_BY_HOP | {b"x-request-id"}
@@ -27,6 +28,8 @@ RESPONSE_SKIP = HOP_BY_HOP | {b"x-request-id"}
 
 def connection_tokens(value: bytes) -> set[bytes]:
     """The header names a `Connection` value lists (lower-case)."""
+    if b"," not in value:
+        return {value.strip().lower()}  # the usual `close` or `keep-alive`, without a split
     return {t.strip().lower() for t in value.split(b",")}
 
 
@@ -43,7 +46,9 @@ def end_to_end(headers: Headers, *, skip: frozenset[bytes] = HOP_BY_HOP) -> Head
                 named = (named or set()) | connection_tokens(header[1])
             continue
         out.append(header)
-    return without_named(out, named - skip if named else None)
+    # `close` is a connection option, never a header's name (RFC 9110 7.6.1
+    # reserves it): nothing to look for when it is all a request lists.
+    return without_named(out, named.difference(skip, _CLOSE) if named else None)
 
 
 def without_named(headers: Headers, named: set[bytes] | None) -> Headers:
