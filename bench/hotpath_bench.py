@@ -150,6 +150,17 @@ class OriginTransport(Transport):
             self.close()
 
 
+def open_client(
+    gateway: Gateway, received: Callable[[bytes], None], port: int = 40000
+) -> tuple[ClientConnection, Transport]:
+    """A client connection to `gateway` over a fake transport whose writes go to `received`."""
+    conn = ClientConnection(gateway)
+    transport = Transport(received, ("127.0.0.1", port))
+    transport.protocol = conn
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    return conn, transport
+
+
 async def serially(gateway: Gateway, requests: int, open_one: Callable[[], None]) -> float:
     """CPU microseconds per connection: `open_one` makes a client connection, and the
     next is made when the gateway has closed it, `requests` in all."""
@@ -191,17 +202,13 @@ async def connect_once(requests: int) -> float:
     connect = b"CONNECT 127.0.0.2:443 HTTP/1.1\r\nHost: 127.0.0.2:443\r\n\r\n"
 
     def tunnel() -> None:
-        conn = ClientConnection(gateway)
-
         def received(data: bytes) -> None:
             # The 200: the client is done, it half-closes (as the bench's client closes).
             if not data.startswith(b"HTTP/1.1 200 "):
                 raise SystemExit(f"the tunnel was refused: {data[:80]!r}")
             loop.call_soon(transport.protocol.eof_received)
 
-        transport = Transport(received, ("127.0.0.1", 40000))
-        transport.protocol = conn
-        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn, transport = open_client(gateway, received)
         conn.data_received(connect)
 
     cpu = await serially(gateway, requests, tunnel)
@@ -219,16 +226,12 @@ async def new_connection_once(requests: int) -> float:
     gateway.bound(3128)
     request = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
 
+    def received(data: bytes) -> None:
+        if not data.startswith(b"HTTP/1.1 200 "):
+            raise SystemExit(f"not a 200: {data[:80]!r}")
+
     def one() -> None:
-        conn = ClientConnection(gateway)
-
-        def received(data: bytes) -> None:
-            if not data.startswith(b"HTTP/1.1 200 "):
-                raise SystemExit(f"not a 200: {data[:80]!r}")
-
-        transport = Transport(received, ("127.0.0.1", 40000))
-        transport.protocol = conn
-        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn, _ = open_client(gateway, received)
         conn.data_received(request)
 
     cpu = await serially(gateway, requests, one)
@@ -250,7 +253,6 @@ async def run_once(requests: int, clients: int) -> float:
 
     def client(i: int) -> None:
         remaining = [per_client]
-        conn = ClientConnection(gateway)
 
         def received(data: bytes) -> None:
             # One write per response here (head and body together): the next request goes now.
@@ -264,9 +266,7 @@ async def run_once(requests: int, clients: int) -> float:
                 if not left[0]:
                     done.set_result(None)
 
-        transport = Transport(received, ("127.0.0.1", 40000 + i))
-        transport.protocol = conn
-        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn, _ = open_client(gateway, received, 40000 + i)
         conn.data_received(REQUEST)
 
     gc.collect()
@@ -310,16 +310,12 @@ async def inference_once(requests: int, worker: str, api: str, tokens: int, coal
         await asyncio.sleep(0.05)
     numbers = itertools.count()
 
+    def received(data: bytes) -> None:
+        if data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 200 "):
+            raise SystemExit(f"not a 200: {data[:200]!r}")
+
     def one() -> None:
-        conn = ClientConnection(gateway)
-
-        def received(data: bytes) -> None:
-            if data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 200 "):
-                raise SystemExit(f"not a 200: {data[:200]!r}")
-
-        transport = Transport(received, ("127.0.0.1", 40000))
-        transport.protocol = conn
-        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn, _ = open_client(gateway, received)
         conn.data_received(inference_request(api, tokens, next(numbers)))
 
     cpu = await serially(gateway, requests, one)
