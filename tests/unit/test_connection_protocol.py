@@ -445,6 +445,37 @@ def test_a_pooled_connection_the_origin_closed_is_retried_once_on_a_fresh_one() 
     run(test)
 
 
+def test_the_retry_after_a_stale_pooled_connection_dials_even_if_more_are_pooled() -> None:
+    async def test(clock: VirtualClock) -> None:
+        origin = FakeOrigin()
+        app = forwarding_app(origin)
+        # Two requests at once: two upstream connections, both pooled afterwards.
+        clients = [connect(app) for _ in range(2)]
+        for conn, _ in clients:
+            conn.data_received(b"GET http://o.test/a HTTP/1.1\r\nHost: o.test\r\n\r\n")
+        await settle()
+        assert len(origin.opened) == 2
+        for transport, upstream in origin.opened:
+            await answer(transport, upstream, b"first")
+        await settle()
+        # The origin restarted meanwhile: every pooled connection is stale.
+        conn, t = clients[0]
+        t.take()
+        conn.data_received(b"GET http://o.test/b HTTP/1.1\r\nHost: o.test\r\n\r\n")
+        await settle()
+        stale = [(tr, up) for tr, up in origin.opened if tr.out]
+        assert len(stale) == 1 and stale[0][0].take().startswith(b"GET /b ")
+        stale[0][1].eof_received()
+        await settle()
+        assert len(origin.opened) == 3  # the retry dialled, not the other pooled one
+        assert (await answer(*origin.opened[2], b"second")).startswith(b"GET /b ")
+        await settle()
+        ((status, _, body),) = responses(t.take())
+        assert (status, body) == (200, b"second")
+
+    run(test)
+
+
 def test_an_origin_silent_after_the_request_is_a_504_read_timeout_after_that_request() -> None:
     async def test(clock: VirtualClock) -> None:
         origin = FakeOrigin()

@@ -152,7 +152,11 @@ class Forwarder:
     ) -> tuple[UpstreamConnection, ResponseHead]:
         retryable = req.body is None and req.method in IDEMPOTENT
         for attempt in (0, 1):
-            upstream, reused = await self.pool.acquire(target.host, target.port)
+            # The retry of a stale pooled connection dials: other pooled ones may be as stale.
+            upstream = self.pool.idle(target.host, target.port) if attempt == 0 else None
+            reused = upstream is not None
+            if upstream is None:
+                upstream = await self.pool.dial(target.host, target.port)
             try:
                 response = upstream.begin(head_only=req.method == "HEAD")
                 upstream.write(head_bytes)

@@ -293,19 +293,27 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout or 60.0
         self._idle: dict[Key, deque[UpstreamConnection]] = {}
 
-    async def acquire(self, host: str, port: int) -> tuple[UpstreamConnection, bool]:
-        """A connection to host:port and whether it was reused from the pool."""
-        key = (host, port)
-        idle = self._idle.get(key)
+    def idle(self, host: str, port: int) -> UpstreamConnection | None:
+        """A pooled connection to host:port, most recently used first; None if there is none.
+
+        Not a coroutine: most requests find one, and a coroutine per request
+        costs more than this lookup (`dial` makes a new one).
+        """
+        idle = self._idle.get((host, port))
         if idle:
             now = time.monotonic()
             while idle:
                 conn = idle.pop()
                 if not conn.closed and now - conn.idle_since < self.idle_timeout:
-                    return conn, True
+                    return conn
                 conn.close()
+        return None
+
+    async def dial(self, host: str, port: int) -> UpstreamConnection:
+        """A new connection to host:port."""
+        key = (host, port)
         _transport, conn = await self.dialer.open(host, port, lambda: UpstreamConnection(key, self.writes))
-        return conn, False
+        return conn
 
     def release(self, conn: UpstreamConnection) -> None:
         """Give a connection back after a whole exchange; closed if it cannot be reused."""
