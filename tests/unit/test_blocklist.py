@@ -83,3 +83,11 @@ def test_file_reload_keeps_old_list_on_error(tmp_path: Path) -> None:
     path.write_text("{broken")
     assert not missing.reload()
     assert missing.current.is_blocked("a.com")
+
+
+def test_a_changed_copy_does_not_inherit_remembered_verdicts() -> None:
+    import dataclasses
+
+    blocklist = Blocklist.from_entries(["example.com"])
+    assert blocklist.is_blocked("example.com")
+    assert not dataclasses.replace(blocklist, exact=frozenset()).is_blocked("example.com")

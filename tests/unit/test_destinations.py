@@ -120,3 +120,12 @@ def test_remembered_denials_stay_right_past_the_bound() -> None:
                 p.allowed_addresses("h", 443, [(denied, (str(denied), 443))])
             public = f"93.184.{i // 256}.{i % 256}"
             assert p.allowed_addresses("h", 443, addrs(public)) == addrs(public), (round_, i)
+
+
+def test_a_changed_copy_does_not_inherit_remembered_denials() -> None:
+    import dataclasses
+
+    p = policy()
+    loopback = ipaddress.ip_address("127.0.0.1")
+    assert p.denied_by(loopback) is not None
+    assert dataclasses.replace(p, deny=()).denied_by(loopback) is None

@@ -54,7 +54,7 @@ class Blocklist:
     # Verdicts by host as asked: the lists never change, so an answer stays
     # true, and a proxied request costs one lookup instead of normalising
     # its host again. Bounded: cleared when full.
-    _verdicts: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
+    _verdicts: dict[str, bool] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def from_entries(cls, entries: Iterable[str]) -> Blocklist:

@@ -63,7 +63,7 @@ class DestinationPolicy:
     # The denying range by address: `deny` never changes, so an answer stays
     # true (scanning the default list costs about 15,000 instructions per
     # dial). Bounded: cleared when full.
-    _denials: dict[IPAddress, IPNetwork | None] = field(default_factory=dict, compare=False, repr=False)
+    _denials: dict[IPAddress, IPNetwork | None] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings, bound_port: int | None = None) -> DestinationPolicy:
