@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -86,8 +87,6 @@ def test_file_reload_keeps_old_list_on_error(tmp_path: Path) -> None:
 
 
 def test_a_changed_copy_does_not_inherit_remembered_verdicts() -> None:
-    import dataclasses
-
     blocklist = Blocklist.from_entries(["example.com"])
     assert blocklist.is_blocked("example.com")
     assert not dataclasses.replace(blocklist, exact=frozenset()).is_blocked("example.com")

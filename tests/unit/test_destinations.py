@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import socket
 
@@ -123,8 +124,6 @@ def test_remembered_denials_stay_right_past_the_bound() -> None:
 
 
 def test_a_changed_copy_does_not_inherit_remembered_denials() -> None:
-    import dataclasses
-
     p = policy()
     loopback = ipaddress.ip_address("127.0.0.1")
     assert p.denied_by(loopback) is not None
