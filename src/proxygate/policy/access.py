@@ -20,10 +20,10 @@ from collections.abc import Callable
 from ..config import IPNetwork
 from ..errors import Forbidden, ProxyAuthRequired, Unauthorized
 from ..http.message import Request
+from ..memo import remember
 from .keys import ApiKey, KeyFile, KeyTable, basic_credentials, bearer_token
 
 # Client addresses whose verdict is remembered; the table starts over when full.
-_VERDICTS_MAX = 4096
 
 
 class AccessPolicy:
@@ -50,10 +50,7 @@ class AccessPolicy:
             return True
         verdict = self._verdicts.get(peer_ip)
         if verdict is None:
-            verdict = self._client_in_ranges(peer_ip, self.allow_clients)
-            if len(self._verdicts) >= _VERDICTS_MAX:
-                self._verdicts.clear()
-            self._verdicts[peer_ip] = verdict
+            verdict = remember(self._verdicts, peer_ip, self._client_in_ranges(peer_ip, self.allow_clients))
         return verdict
 
     @staticmethod
@@ -106,11 +103,7 @@ class AccessPolicy:
             return self._resolved[value]
         except KeyError:
             pass
-        key = resolve(table, value)
-        if len(self._resolved) >= 1024:
-            self._resolved.clear()
-        self._resolved[value] = key
-        return key
+        return remember(self._resolved, value, resolve(table, value), 1024)
 
     def key_named(self, name: str) -> ApiKey | None:
         """A key by its name (requests relayed from a sibling process carry only the name)."""

@@ -13,10 +13,10 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ..memo import remember
 from ..watched_file import WatchedFile
 
 log = logging.getLogger("proxygate.blocklist")
-_VERDICTS_MAX = 4096
 
 
 def normalize_host(host: str) -> str:
@@ -51,9 +51,9 @@ class Blocklist:
     # For `*.ads.com` we store `ads.com`: it blocks every name with more labels
     # ending in `.ads.com`, never `ads.com` itself nor `badads.com`.
     wildcard_parents: frozenset[str] = frozenset()
-    # Verdicts by host as asked: the lists never change, so an answer stays
-    # true, and a proxied request costs one lookup instead of normalising
-    # its host again. Bounded: cleared when full.
+    # Verdicts by host as asked (a bounded memo, memo.py): the lists never
+    # change, so an answer stays true, and a proxied request costs one
+    # lookup instead of normalising its host again.
     _verdicts: dict[str, bool] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
@@ -82,10 +82,7 @@ class Blocklist:
         """Whether `host` (any spelling: case, port, trailing dot, brackets) is blocked."""
         verdict = self._verdicts.get(host)
         if verdict is None:
-            verdict = self._decide(normalize_host(host))
-            if len(self._verdicts) >= _VERDICTS_MAX:
-                self._verdicts.clear()
-            self._verdicts[host] = verdict
+            verdict = remember(self._verdicts, host, self._decide(normalize_host(host)))
         return verdict
 
     def _decide(self, name: str) -> bool:

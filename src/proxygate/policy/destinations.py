@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config import GatewaySettings, IPNetwork
 from ..errors import DestinationDenied
+from ..memo import remember
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 SockAddr = tuple[Any, ...]  # (host, port) or (host, port, flowinfo, scope_id)
@@ -32,7 +33,6 @@ def _is_local_address(ip: IPAddress) -> bool:
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_DENIALS_MAX = 4096
 
 
 def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
@@ -60,9 +60,9 @@ class DestinationPolicy:
     listen_host: str
     listen_port: int
     http_ports: frozenset[int] | None = None
-    # The denying range by address: `deny` never changes, so an answer stays
-    # true (scanning the default list costs about 15,000 instructions per
-    # dial). Bounded: cleared when full.
+    # The denying range by address (a bounded memo, memo.py): `deny` never
+    # changes, so an answer stays true (scanning the default list costs
+    # about 15,000 instructions per dial).
     _denials: dict[IPAddress, IPNetwork | None] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
@@ -81,15 +81,10 @@ class DestinationPolicy:
 
     def denied_by(self, ip: IPAddress) -> IPNetwork | None:
         """The denied range `ip` falls in, by itself or by the IPv4 address it embeds."""
-        denials = self._denials
         try:
-            return denials[ip]
+            return self._denials[ip]
         except KeyError:
-            pass
-        if len(denials) >= _DENIALS_MAX:
-            denials.clear()
-        net = denials[ip] = self._first_denying(ip)
-        return net
+            return remember(self._denials, ip, self._first_denying(ip))
 
     def _first_denying(self, ip: IPAddress) -> IPNetwork | None:
         embedded = embedded_ipv4(ip)

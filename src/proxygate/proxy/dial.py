@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ..errors import BadGateway, BadRequest, GatewayTimeout
+from ..memo import MEMO_MAX, remember
 from ..policy.destinations import DestinationPolicy, IPAddress, SockAddr
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
@@ -24,10 +25,9 @@ P = TypeVar("P", bound=asyncio.BaseProtocol)
 # A DNS name: dot-separated labels of letters, digits, '-' and '_' (1–63 each).
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?:\.(?!-)[A-Za-z0-9_-]{1,63})*\.?")
 _DNS_TTL = 10.0
-_DNS_CACHE_MAX = 4096
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=MEMO_MAX)
 def _ip_literal(host: str) -> IPAddress | None:
     """`host` as an address when it is one (remembered: parsing costs about
     20,000 instructions, and a CONNECT to an address asks for each tunnel)."""
@@ -72,9 +72,7 @@ class Dialer:
             if ip not in seen:
                 seen.add(ip)
                 result.append((ip, sockaddr))
-        if len(self._dns) >= _DNS_CACHE_MAX:
-            self._dns.clear()
-        self._dns[host] = (now + _DNS_TTL, result)
+        remember(self._dns, host, (now + _DNS_TTL, result))
         return result
 
     async def open(self, host: str, port: int, factory: Callable[[], P]) -> tuple[asyncio.Transport, P]:

@@ -25,6 +25,7 @@ import struct
 import time
 from collections.abc import Callable
 
+from ...memo import remember
 from .bucket import BucketSpec, Decision
 
 log = logging.getLogger("proxygate.ratelimit")
@@ -91,9 +92,7 @@ class SharedMemoryLimiter:
                 level, last = _STATE.unpack_from(table, self._states_at + slot * _STATE.size)
             else:
                 slot, level, last = self._find(h, now)
-                if len(self._where) >= self._where_cap:
-                    self._where.clear()
-                self._where[key] = slot
+                remember(self._where, key, slot, self._where_cap)
             allowed, level = spec.charge(level, last, now, cost, force)
             _STATE.pack_into(table, self._states_at + slot * _STATE.size, level, now)
         finally:
