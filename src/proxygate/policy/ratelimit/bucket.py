@@ -51,7 +51,10 @@ class BucketSpec:
 
     def drained(self, level: float, last: float, now: float) -> float:
         """The level at `now` of a bucket that held `level` at time `last`."""
-        return max(0.0, level - max(0.0, now - last) * self.rate)
+        # Without max() calls: this runs for every request.
+        elapsed = now - last
+        current = level - elapsed * self.rate if elapsed > 0.0 else level
+        return current if current > 0.0 else 0.0
 
     def take(self, level: float, last: float, now: float, cost: float = 1.0) -> tuple[bool, float]:
         """Admit or reject one request; (allowed, level after) — store both with `now`."""
@@ -59,11 +62,7 @@ class BucketSpec:
 
     def charge(self, level: float, last: float, now: float, cost: float, force: bool) -> tuple[bool, float]:
         """`take`, or with `force` an unconditional charge (a negative cost gives units back)."""
-        # `drained`, written out without max() calls: this runs for every request.
-        elapsed = now - last
-        current = level - elapsed * self.rate if elapsed > 0.0 else level
-        if current < 0.0:
-            current = 0.0
+        current = self.drained(level, last, now)
         if force:
             return True, current + cost if current + cost > 0.0 else 0.0
         if current + cost <= self.capacity + 1e-9:
