@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -47,7 +48,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,17 @@ class OriginTransport(Transport):
             self.close()
 
 
+@contextlib.contextmanager
+def bench_gateway(settings: GatewaySettings) -> Iterator[Gateway]:
+    """A gateway on `settings` as `serve` builds it, its listener taken as bound; the
+    access log is formatted as in production and written to /dev/null."""
+    with open(os.devnull, "w") as devnull:
+        gateway = build_gateway(settings, access_log=AccessLog("json", stream=devnull))
+        gateway.bound(3128)
+        yield gateway
+        gateway.access_log.flush()
+
+
 def open_client(
     gateway: Gateway, received: Callable[[bytes], None], port: int = 40000
 ) -> tuple[ClientConnection, Transport]:
@@ -188,96 +200,81 @@ async def serially(gateway: Gateway, requests: int, open_one: Callable[[], None]
 async def connect_once(requests: int) -> float:
     """CPU per CONNECT tunnel: new client connection, CONNECT, 200, client EOF, origin EOF, both closed."""
     # The real dialer (address parsing, destination policy, dial timeout) with the socket part faked.
-    settings = dataclasses.replace(bench_settings(), deny_destinations=())
-    devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
-    gateway = build_gateway(settings, access_log=AccessLog("json", stream=devnull))
     origin = FakeOrigin()
 
     async def fake_connect(loop: Any, factory: Callable[[], Any], ip: Any, sockaddr: Any) -> tuple[Any, Any]:
         return await origin.open(str(ip), sockaddr[1], factory)
 
     dial._connect = fake_connect  # type: ignore[assignment]
-    gateway.bound(3128)
     loop = asyncio.get_running_loop()
     connect = b"CONNECT 127.0.0.2:443 HTTP/1.1\r\nHost: 127.0.0.2:443\r\n\r\n"
+    with bench_gateway(dataclasses.replace(bench_settings(), deny_destinations=())) as gateway:
 
-    def tunnel() -> None:
-        def received(data: bytes) -> None:
-            # The 200: the client is done, it half-closes (as the bench's client closes).
-            if not data.startswith(b"HTTP/1.1 200 "):
-                raise SystemExit(f"the tunnel was refused: {data[:80]!r}")
-            loop.call_soon(transport.protocol.eof_received)
+        def tunnel() -> None:
+            def received(data: bytes) -> None:
+                # The 200: the client is done, it half-closes (as the bench's client closes).
+                if not data.startswith(b"HTTP/1.1 200 "):
+                    raise SystemExit(f"the tunnel was refused: {data[:80]!r}")
+                loop.call_soon(transport.protocol.eof_received)
 
-        conn, transport = open_client(gateway, received)
-        conn.data_received(connect)
+            conn, transport = open_client(gateway, received)
+            conn.data_received(connect)
 
-    cpu = await serially(gateway, requests, tunnel)
-    gateway.access_log.flush()
-    devnull.close()
-    return cpu
+        return await serially(gateway, requests, tunnel)
 
 
 async def new_connection_once(requests: int) -> float:
     """CPU per proxied request on a new client connection (`Connection: close`, as
     `hey -disable-keepalive` sends), the upstream connection pooled."""
-    devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
-    gateway = build_gateway(bench_settings(), access_log=AccessLog("json", stream=devnull))
-    gateway.pool.dialer = FakeOrigin()  # type: ignore[assignment]
-    gateway.bound(3128)
     request = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
 
     def received(data: bytes) -> None:
         if not data.startswith(b"HTTP/1.1 200 "):
             raise SystemExit(f"not a 200: {data[:80]!r}")
 
-    def one() -> None:
-        conn, _ = open_client(gateway, received)
-        conn.data_received(request)
+    with bench_gateway(bench_settings()) as gateway:
+        gateway.pool.dialer = FakeOrigin()  # type: ignore[assignment]
 
-    cpu = await serially(gateway, requests, one)
-    gateway.access_log.flush()
-    devnull.close()
-    return cpu
+        def one() -> None:
+            conn, _ = open_client(gateway, received)
+            conn.data_received(request)
+
+        return await serially(gateway, requests, one)
 
 
 async def run_once(requests: int, clients: int) -> float:
-    settings = bench_settings()
-    devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
-    gateway = build_gateway(settings, access_log=AccessLog("json", stream=devnull))
-    gateway.pool.dialer = FakeOrigin()  # type: ignore[assignment]
-    gateway.bound(3128)
-    loop = asyncio.get_running_loop()
-    per_client = requests // clients
-    done = loop.create_future()
-    left = [clients]
+    with bench_gateway(bench_settings()) as gateway:
+        gateway.pool.dialer = FakeOrigin()  # type: ignore[assignment]
+        loop = asyncio.get_running_loop()
+        per_client = requests // clients
+        done = loop.create_future()
+        left = [clients]
 
-    def client(i: int) -> None:
-        remaining = [per_client]
+        def client(i: int) -> None:
+            remaining = [per_client]
 
-        def received(data: bytes) -> None:
-            # One write per response here (head and body together): the next request goes now.
-            if not data.startswith(b"HTTP/1.1 200 "):
-                raise SystemExit(f"not a 200: {data[:80]!r}")
-            remaining[0] -= 1
-            if remaining[0] > 0:
-                loop.call_soon(conn.data_received, REQUEST)
-            else:
-                left[0] -= 1
-                if not left[0]:
-                    done.set_result(None)
+            def received(data: bytes) -> None:
+                # One write per response here (head and body together): the next request goes now.
+                if not data.startswith(b"HTTP/1.1 200 "):
+                    raise SystemExit(f"not a 200: {data[:80]!r}")
+                remaining[0] -= 1
+                if remaining[0] > 0:
+                    loop.call_soon(conn.data_received, REQUEST)
+                else:
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set_result(None)
 
-        conn, _ = open_client(gateway, received, 40000 + i)
-        conn.data_received(REQUEST)
+            conn, _ = open_client(gateway, received, 40000 + i)
+            conn.data_received(REQUEST)
 
-    gc.collect()
-    started = time.process_time()
-    for i in range(clients):
-        client(i)
-    await done
-    elapsed = time.process_time() - started
-    gateway.access_log.flush()
-    devnull.close()
-    return elapsed / (per_client * clients) * 1e6
+        gc.collect()
+        started = time.process_time()
+        for i in range(clients):
+            client(i)
+        await done
+        elapsed = time.process_time() - started
+        return elapsed / (per_client * clients) * 1e6
 
 
 def inference_request(api: str, tokens: int, n: int) -> bytes:
@@ -301,28 +298,24 @@ def inference_request(api: str, tokens: int, n: int) -> bytes:
 async def inference_once(requests: int, worker: str, api: str, tokens: int, coalesce: bool) -> float:
     """CPU per inference request over a new connection, one at a time, until each stream's end."""
     settings = dataclasses.replace(bench_settings(), worker_addrs=(worker,), coalesce=coalesce)
-    devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
-    gateway = build_gateway(settings, access_log=AccessLog("json", stream=devnull))
-    gateway.bound(3128)
-    service = gateway.inference
-    assert service is not None
-    while not any(w.available for w in service.pool.workers):  # the first health poll
-        await asyncio.sleep(0.05)
-    numbers = itertools.count()
+    with bench_gateway(settings) as gateway:
+        service = gateway.inference
+        assert service is not None
+        while not any(w.available for w in service.pool.workers):  # the first health poll
+            await asyncio.sleep(0.05)
+        numbers = itertools.count()
 
-    def received(data: bytes) -> None:
-        if data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 200 "):
-            raise SystemExit(f"not a 200: {data[:200]!r}")
+        def received(data: bytes) -> None:
+            if data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 200 "):
+                raise SystemExit(f"not a 200: {data[:200]!r}")
 
-    def one() -> None:
-        conn, _ = open_client(gateway, received)
-        conn.data_received(inference_request(api, tokens, next(numbers)))
+        def one() -> None:
+            conn, _ = open_client(gateway, received)
+            conn.data_received(inference_request(api, tokens, next(numbers)))
 
-    cpu = await serially(gateway, requests, one)
-    await service.aclose()
-    gateway.access_log.flush()
-    devnull.close()
-    return cpu
+        cpu = await serially(gateway, requests, one)
+        await service.aclose()
+        return cpu
 
 
 def echo_worker() -> tuple[subprocess.Popen[bytes], str]:
