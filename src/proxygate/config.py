@@ -283,6 +283,13 @@ GATEWAY_FLAGS: tuple[Flag, ...] = (
         parse_workers,
         "processes serving the listener (SO_REUSEPORT); auto: one per CPU. Rate limits and /metrics cover them all",
     ),
+    Flag(
+        "spread-above",
+        "32",
+        parse_non_negative_int,
+        "--workers N: below this many client connections in process 0, the others pass it their kept-alive"
+        " proxy connections (light load stays on one process); 0: keep the kernel's spread",
+    ),
     Flag("upstream-idle-per-host", "256", parse_positive_int, "idle upstream keep-alive connections kept per host"),
     Flag(
         "routes", "", str, "model routes file (TOML: names, fallbacks, an auto small/large chooser); reloaded on change"
@@ -351,6 +358,7 @@ class GatewaySettings:
     health_timeout: float = 1.0
     worker_eject_after: int = 3
     workers: int = 1
+    spread_above: int = 32
     upstream_idle_per_host: int = 256
     routes: str = ""
     routing_policy: str = "prefix"

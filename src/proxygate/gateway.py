@@ -93,6 +93,9 @@ class Gateway:
         # a sibling reads it to move new connections while the owner has none.
         self._publish_load = parts.owner_load if parts.handoff is None else None
         self._owner_load = parts.owner_load if parts.handoff is not None else None
+        # A sibling passes kept-alive proxy connections to the owner while the
+        # owner holds fewer than this many (`_gather`); 0: never.
+        self._gather_below = self.settings.spread_above if self._owner_load is not None else 0
         self._all_closed: asyncio.Event | None = None
 
     def relayed_api(self) -> RelayedApi:
@@ -185,6 +188,8 @@ class Gateway:
         if self.parts.dialer.policy.names_own_listener(target.host, target.port):
             await self._api(req, origin_path(target.path), ex)
             return
+        if self._gather_below and ex.conn.served and await self._gather(req, ex):
+            return
         self.access.check_proxy(req)
         if (pending := self._rate_limit(req, "proxy")) is not None:
             await pending
@@ -238,12 +243,40 @@ class Gateway:
             req.extra_head = decision.head_lines()
 
     async def _hand_off(self, req: Request, ex: Exchange) -> bool:
-        """Move the connection to the inference plane's owner; False if it must stay here."""
+        """Move the connection to the inference plane's owner; False if it must stay here (relayed)."""
+        moved = await self._move_to_owner(req, ex)
+        self.metrics.handoffs.labels("moved" if moved else "relayed").inc()
+        return moved
+
+    async def _gather(self, req: Request, ex: Exchange) -> bool:
+        """Pass a kept-alive proxy connection to the owner while the owner holds
+        fewer than `--spread-above` connections; False if it stays here.
+
+        Two processes that split a light load between them each batch fewer
+        requests per loop pass and compete with each other (and, on a shared
+        box, with the clients and origins) for the cores: the tail is worse
+        than one process's at the same load (bench/RESULTS.md). So below the
+        threshold one process serves everything, and above it each process
+        keeps what the kernel gives it. Decided at a connection's second
+        request, not at accept: by then a burst of new connections (a load
+        generator opening all of them at once) has been counted by the owner.
+        """
+        load = self._owner_load
+        assert load is not None
+        if load.connections >= self._gather_below:
+            return False
+        load.claim()  # counted now: the owner publishes its own count only once it adopts the socket
+        if not await self._move_to_owner(req, ex):
+            return False
+        self.connection_stats.gathered += 1
+        return True
+
+    async def _move_to_owner(self, req: Request, ex: Exchange) -> bool:
+        """Pass the client's socket and the bytes read of `req` to the owner; False if it must stay here."""
         handoff, conn = self.parts.handoff, ex.conn
         assert handoff is not None and conn.transport is not None
         preface = conn.handover_bytes(req)
         if preface is None:
-            self.metrics.handoffs.labels("relayed").inc()
             return False
         # A duplicate: ours stays valid whatever happens to the connection while we wait.
         fd = os.dup(conn.transport.get_extra_info("socket").fileno())
@@ -255,7 +288,6 @@ class Gateway:
             conn.handed_over()
         else:
             conn.handover_failed()
-        self.metrics.handoffs.labels("moved" if moved else "relayed").inc()
         return moved
 
     def request_done(self, req: Request, ex: Exchange) -> None:

@@ -17,8 +17,9 @@ import time
 
 import requests
 
-from tests.support.gateway import RawResponses
+from tests.support.gateway import GatewayProcess, RawResponses
 from tests.support.inference import wait_healthy
+from tests.support.origin import Origin
 from tests.support.waiting import metric, wait_for
 
 BODY = json.dumps({"prompt": "one two three", "max_tokens": 4}).encode()
@@ -141,3 +142,51 @@ def test_tls_connections_are_relayed(start_gateway, start_worker, server_cert_fi
         assert r.status_code == 200 and '"finished":true' in r.text
     wait_for(lambda: handoffs("relayed") > 0, "relayed TLS requests")
     assert handoffs("moved") == 0
+
+
+def _get(origin: Origin) -> bytes:
+    return b"GET %s/hello HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (origin.url.encode(), origin.port)
+
+
+def _second_request_elsewhere(gw: GatewayProcess, origin: Origin, owner: str) -> tuple[str, str]:
+    """A kept-alive proxy connection whose first request the other process answered:
+    which process answers that one and which the next."""
+    for _ in range(200):  # the kernel picks the process; 200 misses in a row are 2**-200
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            reader = RawResponses(s)
+            s.sendall(_get(origin))
+            status, headers, _ = reader.next()
+            assert status == 200
+            first = headers["x-request-id"][:10]
+            if first == owner:
+                continue
+            s.sendall(_get(origin))
+            status, headers, body = reader.next()
+            assert status == 200 and body, body
+            return first, headers["x-request-id"][:10]
+    raise AssertionError("no connection reached the second process")
+
+
+def test_light_load_gathers_in_one_process(start_gateway, origin) -> None:
+    """Below --spread-above connections in the owner, the other process passes it each
+    kept-alive proxy connection at its second request: one process serves light load."""
+    gw = start_gateway("--workers", "2")
+    with _keep_owner_busy(gw.port) as busy:
+        busy.sendall(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n")
+        status, headers, _ = RawResponses(busy).next()
+        owner = headers["x-request-id"][:10]
+        first, second = _second_request_elsewhere(gw, origin, owner)
+    assert first != owner and second == owner
+    # Exactly one: the connections the owner took stayed. (Whichever process answers
+    # /metrics, the other's count reaches it within a second.)
+    wait_for(lambda: metric(gw, "proxy_connections_gathered_total") == 1, "the gathered connection counted")
+
+
+def test_spread_above_zero_keeps_the_kernels_spread(start_gateway, origin) -> None:
+    gw = start_gateway("--workers", "2", "--spread-above", "0")
+    with _keep_owner_busy(gw.port) as busy:
+        busy.sendall(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n")
+        status, headers, _ = RawResponses(busy).next()
+        first, second = _second_request_elsewhere(gw, origin, headers["x-request-id"][:10])
+    assert second == first, "the connection stayed where the kernel put it"
+    assert metric(gw, "proxy_connections_gathered_total") == 0

@@ -94,6 +94,7 @@ class ClientConnection(asyncio.Protocol):
         self.close_after = False  # close once the response being written is done
         self.client_eof = False  # the client half-closed: answer what it sent, then close
         self.moved = False  # handed over to another process: nothing more of it is ours
+        self.served = 0  # requests answered on this connection
 
     # ---- transport callbacks -------------------------------------------------
 
@@ -401,6 +402,7 @@ class ClientConnection(asyncio.Protocol):
                 ex.send_error(HttpError("internal error"), close=True)
         self.app.request_done(req, ex)
         self.exchange = None
+        self.served += 1
         if self.closed or self.detached:
             return False
         if req.upgrade or req.method == "CONNECT":

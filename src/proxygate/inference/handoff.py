@@ -57,9 +57,10 @@ class OwnerLoad:
     """How many client connections the owner has open, in memory all the processes share.
 
     Made before the processes are forked; the owner writes it as its
-    connections open and close, the siblings read it. Read without a lock:
-    it only steers where a new connection goes, and a stale value costs at
-    most one move that was not needed or one that was missed.
+    connections open and close, the siblings read it (and add each
+    connection they pass, until the owner's next count includes it). Read
+    without a lock: it only steers where a connection goes, and a stale
+    value costs at most one move that was not needed or one that was missed.
     """
 
     def __init__(self) -> None:
@@ -71,6 +72,17 @@ class OwnerLoad:
 
     def publish(self, connections: int) -> None:
         self._count[0] = connections
+
+    @property
+    def connections(self) -> int:
+        return self._count[0]
+
+    def claim(self) -> None:
+        """A sibling is passing the owner a connection: count it before the owner does.
+
+        Not atomic across processes: a lost update costs one move too many.
+        """
+        self._count[0] += 1
 
 
 class HandoffSender:

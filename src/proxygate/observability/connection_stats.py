@@ -24,6 +24,7 @@ class ConnectionStats(Collector):
         self.tunnels: dict[str, int] = {"closed": 0}  # by how they ended
         self.bytes_up = 0  # client → origin, through tunnels
         self.bytes_down = 0
+        self.gathered = 0  # kept-alive connections passed to process 0 (`--workers N`, `--spread-above`)
 
     def tunnel_ended(self, result: str) -> None:
         self.tunnels[result] = self.tunnels.get(result, 0) + 1
@@ -39,3 +40,8 @@ class ConnectionStats(Collector):
         relayed.add_metric(["up"], self.bytes_up)
         relayed.add_metric(["down"], self.bytes_down)
         yield relayed
+        yield CounterMetricFamily(
+            "proxy_connections_gathered",
+            "Kept-alive client connections passed to process 0 while it served fewer than --spread-above",
+            value=self.gathered,
+        )
