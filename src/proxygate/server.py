@@ -81,7 +81,8 @@ def _quiet_gc() -> None:
 
 async def _adopt(gateway: Gateway, sock: socket.socket, preface: bytes) -> None:
     """Serve a client connection a sibling process handed over, starting with the bytes it read."""
-    await asyncio.get_running_loop().connect_accepted_socket(lambda: ClientConnection(gateway, preface), sock)
+    loop = asyncio.get_running_loop()
+    await loop.connect_accepted_socket(lambda: ClientConnection(gateway, preface, loop), sock)
 
 
 async def serve(
@@ -137,14 +138,18 @@ async def serve(
     try:
         socks = listeners if listeners is not None else open_listeners(host, port)
         servers = [
-            await loop.create_server(lambda: ClientConnection(gateway), sock=sock, ssl=ssl_ctx, backlog=BACKLOG)
+            await loop.create_server(
+                lambda: ClientConnection(gateway, loop=loop), sock=sock, ssl=ssl_ctx, backlog=BACKLOG
+            )
             for sock in socks
         ]
         if inference_socket:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(inference_socket)  # left by a predecessor that crashed
             relayed = gateway.relayed_api()
-            servers.append(await loop.create_unix_server(lambda: ClientConnection(relayed), path=inference_socket))
+            servers.append(
+                await loop.create_unix_server(lambda: ClientConnection(relayed, loop=loop), path=inference_socket)
+            )
             handoffs = HandoffReceiver(handoff_path(inference_socket), partial(_adopt, gateway))
             handoffs.start()
             log.info("process %d owns the inference plane; the others relay to %s", os.getpid(), inference_socket)

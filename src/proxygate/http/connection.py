@@ -55,14 +55,15 @@ class Application(Protocol):
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, app: Application, preface: bytes = b"") -> None:
+    def __init__(self, app: Application, preface: bytes = b"", loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.app = app
         # Bytes another process read from this socket before handing it over
         # (inference/handoff.py): parsed before anything the socket delivers.
         self._preface = preface
         self.settings = app.settings
         self.writes = app.writes
-        self.loop = asyncio.get_running_loop()
+        # The listener passes its loop: looking it up is a getpid() system call on 3.11.
+        self.loop = loop if loop is not None else asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer_ip = ""
         self.flow = WriteFlow()

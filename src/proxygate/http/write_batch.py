@@ -22,11 +22,16 @@ SMALL_WRITE = 16 * 1024
 
 
 class WriteBatch:
-    __slots__ = ("_held", "_scheduled")
+    """One per process (per event loop): the loop is looked up once, on the first write."""
+
+    __slots__ = ("_held", "_scheduled", "_loop")
 
     def __init__(self) -> None:
         self._held: list[tuple[asyncio.WriteTransport, bytes]] = []
         self._scheduled = False
+        # Kept: on Python 3.11 asyncio.get_running_loop() makes a getpid()
+        # system call, and this ran once per loop pass.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def write(self, transport: asyncio.WriteTransport, data: bytes) -> None:
         if len(data) >= SMALL_WRITE:
@@ -36,7 +41,10 @@ class WriteBatch:
         self._held.append((transport, data))
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._end_of_pass)
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._end_of_pass)
 
     def _end_of_pass(self) -> None:
         self._scheduled = False
