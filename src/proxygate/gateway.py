@@ -159,6 +159,9 @@ class Gateway:
         sock = transport.get_extra_info("socket")
         if sock is None or transport.get_extra_info("sslcontext") is not None or not handoff.send_now(sock.fileno()):
             return False
+        # Counted now, or every connection of a burst (a load generator opening 64
+        # at once) would find the owner still idle and move: one process for all.
+        load.claim()
         conn.handed_over()
         self.metrics.handoffs.labels("moved").inc()
         return True

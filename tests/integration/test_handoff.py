@@ -6,6 +6,8 @@ bytes it already read) instead of relaying every token; while the owner
 has no connection at all, it moves new connections at once, before
 reading them. Each test sends enough connections that both processes take
 some, and reads `inference_handoffs_total` to see which way they went.
+Plain proxy connections gather in the owner at their second request while
+it holds fewer than `--spread-above` (`proxy_connections_gathered_total`).
 """
 
 from __future__ import annotations
@@ -190,3 +192,28 @@ def test_spread_above_zero_keeps_the_kernels_spread(start_gateway, origin) -> No
         first, second = _second_request_elsewhere(gw, origin, headers["x-request-id"][:10])
     assert second == first, "the connection stayed where the kernel put it"
     assert metric(gw, "proxy_connections_gathered_total") == 0
+
+
+def test_a_burst_of_connections_is_not_all_moved_to_one_process(start_gateway, origin) -> None:
+    """64 connections at once, as a load generator opens them: after their second requests
+    (where kept-alive connections gather) both processes still serve some, because the owner
+    takes connections only up to --spread-above (32). (That a move at accept is counted at
+    once, so a burst is not all moved while the owner still looks idle, is a unit test:
+    test_handoff_pieces.py.)"""
+    gw = start_gateway("--workers", "2")
+    socks = [socket.create_connection(("127.0.0.1", gw.port), timeout=10) for _ in range(64)]
+    try:
+        readers = [RawResponses(s) for s in socks]
+        served: list[set[str]] = []
+        for _ in range(2):  # the second request is where a kept-alive connection may move
+            for s in socks:
+                s.sendall(_get(origin))
+            served.append(set())
+            for reader in readers:
+                status, headers, _ = reader.next()
+                assert status == 200
+                served[-1].add(headers["x-request-id"][:10])
+    finally:
+        for s in socks:
+            s.close()
+    assert [len(processes) for processes in served] == [2, 2], "both processes serve some of the 64 connections"

@@ -4,10 +4,15 @@ shared owner load, and a sender passing a socket at once to a real receiver."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import socket
 
+from proxygate.config import GatewaySettings
+from proxygate.gateway import Gateway
 from proxygate.inference.handoff import HandoffReceiver, HandoffSender, OwnerLoad
+from proxygate.observability.logging import AccessLog
+from proxygate.wiring import build_gateway
 
 
 def test_owner_load_is_shared_across_fork() -> None:
@@ -53,5 +58,67 @@ def test_send_now_passes_a_socket_once_connected(tmp_path) -> None:
             sender.close()
             receiver.close()
             theirs.close()
+
+    asyncio.run(main())
+
+
+class _Accepted:
+    """What `Gateway.moved_at_accept` uses of a new client connection: its socket, and being let go."""
+
+    def __init__(self, gateway: Gateway, sock: socket.socket) -> None:
+        self.gateway = gateway
+        self.transport = self
+        self.sock = sock
+        self.moved = False
+
+    def get_extra_info(self, name: str) -> object:
+        return self.sock if name == "socket" else None
+
+    def handed_over(self) -> None:
+        self.moved = True
+        self.gateway.connection_closed(self)  # type: ignore[arg-type]
+
+
+def test_a_move_at_accept_is_counted_before_the_owner_counts_it(tmp_path) -> None:
+    """A burst of new connections: the first moves to the idle owner; the next finds it busy at
+    once, though the owner has not adopted the first yet (else the whole burst would move)."""
+
+    async def main() -> None:
+        async def adopt(sock: socket.socket, preface: bytes) -> None:
+            sock.close()  # the owner never gets to publish its count in this test
+
+        receiver = HandoffReceiver(str(tmp_path / "handoff.sock"), adopt)
+        receiver.start()
+        load = OwnerLoad()
+        settings = GatewaySettings(blocklist=str(tmp_path / "none.json"))
+        gateway = build_gateway(
+            settings,
+            access_log=AccessLog("json", stream=io.StringIO()),
+            owner_load=load,
+            inference_relay=str(tmp_path / "relay.sock"),
+        )
+        handoff = gateway.parts.handoff
+        assert handoff is not None
+        pairs = [socket.socketpair() for _ in range(4)]
+        try:
+            for _ in range(200):  # the sender connects in the background on its first try
+                if handoff.send_now(pairs[0][0].fileno()):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the sender never connected")
+            accepted = [_Accepted(gateway, ours) for ours, _ in pairs[1:]]
+            verdicts = []
+            for conn in accepted:
+                gateway.connection_opened(conn)  # type: ignore[arg-type]
+                verdicts.append(gateway.moved_at_accept(conn))  # type: ignore[arg-type]
+            assert verdicts == [True, False, False]
+            assert load.connections == 1
+        finally:
+            handoff.close()
+            receiver.close()
+            for ours, theirs in pairs:
+                ours.close()
+                theirs.close()
 
     asyncio.run(main())
