@@ -159,9 +159,6 @@ class Gateway:
         sock = transport.get_extra_info("socket")
         if sock is None or transport.get_extra_info("sslcontext") is not None or not handoff.send_now(sock.fileno()):
             return False
-        # Counted now, or every connection of a burst (a load generator opening 64
-        # at once) would find the owner still idle and move: one process for all.
-        load.claim()
         conn.handed_over()
         self.metrics.handoffs.labels("moved").inc()
         return True
@@ -268,7 +265,6 @@ class Gateway:
         assert load is not None
         if load.connections >= self._gather_below:
             return False
-        load.claim()  # counted now: the owner publishes its own count only once it adopts the socket
         if not await self._move_to_owner(req, ex):
             return False
         self.connection_stats.gathered += 1

@@ -54,7 +54,7 @@ class ChildContext:
     exchange: MetricsExchange
     ready: Callable[[int], None]
     inference_socket: str  # the inference plane's socket: served by index 0, relayed to by the others
-    owner_load: OwnerLoad  # index 0's open connections, shared
+    owner_load: OwnerLoad  # index 0's connections (open and on their way to it), shared
 
 
 @dataclass(slots=True)
@@ -72,6 +72,8 @@ def serve_child(settings: GatewaySettings, ctx: ChildContext) -> int:
     from .runloop import run
     from .server import serve
     from .wiring import build_gateway
+
+    ctx.owner_load.index = ctx.index  # this process's copy: it counts the connections it passes
 
     async def main() -> int:
         owner = ctx.index == 0
@@ -118,7 +120,7 @@ class Supervisor:
         # Memory limits are made here, in shared memory, so that every process
         # forked below uses one table; Redis limits are made per process.
         self.limiter = build_limiter(settings, processes=settings.workers) if settings.limiter == "memory" else None
-        self.owner_load = OwnerLoad()
+        self.owner_load = OwnerLoad(settings.workers)
         self.ready_r, self.ready_w = os.pipe()
         os.set_blocking(self.ready_r, False)
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)

@@ -82,7 +82,12 @@ def _quiet_gc() -> None:
 async def _adopt(gateway: Gateway, sock: socket.socket, preface: bytes) -> None:
     """Serve a client connection a sibling process handed over, starting with the bytes it read."""
     loop = asyncio.get_running_loop()
-    await loop.connect_accepted_socket(lambda: ClientConnection(gateway, preface, loop), sock)
+    try:
+        await loop.connect_accepted_socket(lambda: ClientConnection(gateway, preface, loop), sock)
+    finally:
+        # Counted once the connection counts among ours (or is gone): no longer on its way.
+        if gateway.parts.owner_load is not None:
+            gateway.parts.owner_load.adopted()
 
 
 async def serve(

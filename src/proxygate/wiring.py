@@ -84,7 +84,7 @@ def build_gateway(
     if inference_relay:
         # Another process owns the inference plane: connections with inference
         # requests move to it when they can, the rest are relayed.
-        parts.handoff = HandoffSender(handoff_path(inference_relay))
+        parts.handoff = HandoffSender(handoff_path(inference_relay), owner_load)
         timeout = settings.queue_timeout + settings.inference_timeout if settings.inference_timeout else 0
         parts.relay = InferenceRelay(inference_relay, writes, timeout)
         for path in RELAYED_PATHS:

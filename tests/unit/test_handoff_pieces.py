@@ -16,7 +16,7 @@ from proxygate.wiring import build_gateway
 
 
 def test_owner_load_is_shared_across_fork() -> None:
-    load = OwnerLoad()
+    load = OwnerLoad(2)
     assert load.idle
     pid = os.fork()
     if pid == 0:  # the owner, in another process
@@ -25,6 +25,27 @@ def test_owner_load_is_shared_across_fork() -> None:
     os.waitpid(pid, 0)
     assert not load.idle
     load.publish(0)
+    assert load.idle
+
+
+def test_owner_load_counts_connections_on_their_way() -> None:
+    """Passed by a sibling, the connection counts at once; adopted, it counts as the owner's."""
+    load = OwnerLoad(3)
+    pid = os.fork()
+    if pid == 0:  # process 2 passes two connections
+        load.index = 2
+        load.passed()
+        load.passed()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert load.connections == 2
+    load.publish(1)  # the owner adopts the first
+    load.adopted()
+    assert load.connections == 2
+    load.publish(2)
+    load.adopted()
+    assert load.connections == 2
+    load.publish(0)  # both closed
     assert load.idle
 
 
@@ -85,11 +106,13 @@ def test_a_move_at_accept_is_counted_before_the_owner_counts_it(tmp_path) -> Non
 
     async def main() -> None:
         async def adopt(sock: socket.socket, preface: bytes) -> None:
-            sock.close()  # the owner never gets to publish its count in this test
+            sock.close()  # adopted and gone at once: the owner's open count stays 0
+            load.adopted()
 
         receiver = HandoffReceiver(str(tmp_path / "handoff.sock"), adopt)
         receiver.start()
-        load = OwnerLoad()
+        load = OwnerLoad(2)
+        load.index = 1  # the gateway below is the second process
         settings = GatewaySettings(blocklist=str(tmp_path / "none.json"))
         gateway = build_gateway(
             settings,
@@ -107,6 +130,13 @@ def test_a_move_at_accept_is_counted_before_the_owner_counts_it(tmp_path) -> Non
                 await asyncio.sleep(0.01)
             else:
                 raise AssertionError("the sender never connected")
+            for _ in range(200):  # that first connection reaches the owner: idle again
+                if load.idle:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the first connection was never adopted")
+            # No await below: nothing passed now can be adopted before the next is accepted.
             accepted = [_Accepted(gateway, ours) for ours, _ in pairs[1:]]
             verdicts = []
             for conn in accepted:

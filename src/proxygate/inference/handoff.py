@@ -54,42 +54,55 @@ def handoff_path(inference_socket: str) -> str:
 
 
 class OwnerLoad:
-    """How many client connections the owner has open, in memory all the processes share.
+    """How many client connections the owner has, as every process sees it, in shared memory.
 
-    Made before the processes are forked; the owner writes it as its
-    connections open and close, the siblings read it (and add each
-    connection they pass, until the owner's next count includes it). Read
-    without a lock: it only steers where a connection goes, and a stale
-    value costs at most one move that was not needed or one that was missed.
+    Made before the processes are forked. Three kinds of slot, each with one
+    writer, so no update is lost: the connections the owner has open (it
+    writes the number as they open and close), the connections it has
+    adopted from the others, and per process the connections that process
+    has passed it. A move counts from the moment it is made: passed minus
+    adopted are on their way. Otherwise a burst of new connections (a load
+    generator opening 64 at once) would find the owner idle 64 times over,
+    before it adopted the first, and all of them would move. Read without a
+    lock: the count only steers where a connection goes.
     """
 
-    def __init__(self) -> None:
-        self._count = memoryview(mmap.mmap(-1, 8)).cast("q")  # anonymous and shared across fork
-
-    @property
-    def idle(self) -> bool:
-        return self._count[0] == 0
-
-    def publish(self, connections: int) -> None:
-        self._count[0] = connections
+    def __init__(self, processes: int) -> None:
+        self._slots = memoryview(mmap.mmap(-1, 8 * (_PASSED + processes))).cast("q")  # shared across fork
+        self._passed = slice(_PASSED, _PASSED + processes)
+        self.index = 0  # the process this copy belongs to, set in each one after the fork
 
     @property
     def connections(self) -> int:
-        return self._count[0]
+        slots = self._slots
+        return slots[_OPEN] + sum(slots[self._passed]) - slots[_ADOPTED]
 
-    def claim(self) -> None:
-        """A sibling is passing the owner a connection: count it before the owner does.
+    @property
+    def idle(self) -> bool:
+        return self.connections <= 0
 
-        Not atomic across processes: a lost update costs one move too many.
-        """
-        self._count[0] += 1
+    def publish(self, connections: int) -> None:
+        """The owner: how many client connections it has open now (adopted ones included)."""
+        self._slots[_OPEN] = connections
+
+    def adopted(self) -> None:
+        """The owner: one connection passed to it has been adopted (or was gone on arrival)."""
+        self._slots[_ADOPTED] += 1
+
+    def passed(self) -> None:
+        """This process has passed the owner a connection."""
+        self._slots[_PASSED + self.index] += 1
+
+
+_OPEN, _ADOPTED, _PASSED = 0, 1, 2  # OwnerLoad's slots; per-process ones from _PASSED on
 
 
 class HandoffSender:
     """A sibling's side: one unix stream to the owner, frames sent one at a time."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, load: OwnerLoad | None = None) -> None:
         self.path = path
+        self.load = load  # counts each connection passed
         self._sock: socket.socket | None = None
         self._lock = asyncio.Lock()
         self._connecting: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
@@ -107,6 +120,8 @@ class HandoffSender:
                 log.warning("cannot hand a connection to the inference plane's owner: %s", exc)
                 self.close()
                 return False
+        if self.load is not None:
+            self.load.passed()
         return True
 
     def send_now(self, fd: int) -> bool:
@@ -135,6 +150,8 @@ class HandoffSender:
             # stream, so the owner drops the part and its socket, and keep the connection.
             self.close()
             return False
+        if self.load is not None:
+            self.load.passed()
         return True
 
     def _connect_soon(self) -> None:
