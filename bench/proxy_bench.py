@@ -16,6 +16,11 @@ stalls here (about 700 req/s, p99 300 ms); pproxy logs nothing unless asked.
 proxygate runs twice: one process (the default) and `--workers 2` (one per
 core here).
 
+`--workers-sweep N` compares one proxygate process with `--workers 2`, with
+and without gathering light load on one process (`--spread-above`), under
+wrk at c=1..64 and under hey at two fixed rates (the same load for each),
+N rounds round-robin.
+
 `--interleaved N` instead starts every proxy at once and runs the c=64
 keep-alive load N times round-robin across them, so slow drifts of a shared
 machine hit every target alike: the fairest source for the c=64 ratios.
@@ -192,24 +197,28 @@ class Proxy:
         return rss
 
 
+def proxygate_flags(work: Path) -> tuple[str, ...]:
+    """Any destination on loopback, no blocklist, and the memory limiter checking every
+    request with a budget the load never exhausts."""
+    open_policy = ("--connect-ports", "*", "--deny-destinations", "", "--blocklist", str(work / "none.json"))
+    return (*open_policy, "-rate-limit", "1000000000", "-rate-burst", "1000000000")
+
+
 def make_proxies(work: Path, only: set[str] | None, baseline_src: str = "", baseline_workers: int = 1) -> list[Proxy]:
     proxies: list[Proxy] = []
 
     def want(name: str) -> bool:
         return only is None or name in only
 
-    # the memory limiter checks every request, with a budget the load never exhausts
-    limits = ("-rate-limit", "1000000000", "-rate-burst", "1000000000")
-    open_policy = ("--connect-ports", "*", "--deny-destinations", "", "--blocklist", str(work / "none.json"))
     for name, processes in (("proxygate", "1"), ("proxygate-2p", "2")):
         if want(name):
             port = free_port()
-            argv = gateway_argv(port, *open_policy, *limits, "--workers", processes)
+            argv = gateway_argv(port, *proxygate_flags(work), "--workers", processes)
             proxies.append(Proxy(name, argv, port))
     if baseline_src:
         # Another checkout's src/ (an earlier commit, say), for before/after in one run.
         port = free_port()
-        argv = gateway_argv(port, *open_policy, *limits, "--workers", str(baseline_workers))
+        argv = gateway_argv(port, *proxygate_flags(work), "--workers", str(baseline_workers))
         proxies.append(Proxy("proxygate-baseline", argv, port, env={"PYTHONPATH": baseline_src}))
     if want("tinyproxy") and shutil.which("tinyproxy"):
         port = free_port()
@@ -534,6 +543,64 @@ def interleaved(proxies: list[Proxy], origin_port: int, args: argparse.Namespace
     return "\n".join(lines)
 
 
+def hey_at_rate(url: str, proxy_port: int, conns: int, rate: int, duration: float) -> dict[str, float]:
+    """`hey` at a fixed total rate over `conns` kept-alive connections: the same load whatever the proxy."""
+    cmd = ["hey", "-z", f"{max(1, round(duration))}s", "-c", str(conns), "-q", str(rate // conns)]
+    cmd += ["-x", f"http://127.0.0.1:{proxy_port}", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60).stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p99 = re.search(r"99%+ in ([\d.]+) secs", out)
+    if rps is None or p99 is None:
+        raise RuntimeError(f"hey failed: {' '.join(cmd)}\n{out[-2000:]}")
+    return {"rps": float(rps.group(1)), "p99_ms": float(p99.group(1)) * 1e3}
+
+
+SWEEP_WRK = (1, 8, 16, 32, 64)  # wrk connections, closed loop
+SWEEP_RATES = ((16, 8000), (64, 16000))  # hey: connections, total req/s (one process has room for both)
+
+
+def workers_sweep(origin_port: int, args: argparse.Namespace, work: Path) -> str:
+    """One process against `--workers 2` with and without gathering light load, at several loads,
+    `args.workers_sweep` rounds round-robin over the three started at once."""
+    flags = {
+        "one process": ("--workers", "1"),
+        "--workers 2 --spread-above 0": ("--workers", "2", "--spread-above", "0"),
+        "--workers 2": ("--workers", "2"),
+    }
+    proxies = []
+    for name, extra in flags.items():
+        port = free_port()
+        proxies.append(Proxy(name, gateway_argv(port, *proxygate_flags(work), *extra), port))
+    loads = [f"wrk c={c}" for c in SWEEP_WRK] + [f"hey c={c} at {r} req/s" for c, r in SWEEP_RATES]
+    runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+    small = f"http://127.0.0.1:{origin_port}/small"
+    for proxy in proxies:
+        proxy.start(work)
+    try:
+        for _ in range(args.workers_sweep):
+            for load in loads:
+                for proxy in proxies:
+                    if load.startswith("wrk"):
+                        run = wrk(small, proxy.port, int(load.split("=")[1]), args.duration, work)
+                    else:
+                        conns, rate = next((c, r) for c, r in SWEEP_RATES if load == f"hey c={c} at {r} req/s")
+                        run = hey_at_rate(small, proxy.port, conns, rate, args.duration)
+                    runs.setdefault((load, proxy.name), []).append(run)
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+    lines = ["| load | " + " | ".join(f"{p.name}: req/s, p99 ms (rounds)" for p in proxies) + " |"]
+    lines.append("|---" * (len(proxies) + 1) + "|")
+    for load in loads:
+        cells = []
+        for proxy in proxies:
+            rs = runs[(load, proxy.name)]
+            each = ", ".join(f"{r['p99_ms']:.2f}" for r in rs)
+            cells.append(f"{median_of(rs, 'rps'):.0f}, {median_of(rs, 'p99_ms'):.2f} ({each})")
+        lines.append(f"| {load} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
@@ -552,6 +619,12 @@ def main() -> int:
         "--baseline-src", default="", help="also run proxygate from this src/ directory (before/after in one run)"
     )
     parser.add_argument("--baseline-workers", type=int, default=1, help="--workers of the --baseline-src gateway")
+    parser.add_argument(
+        "--workers-sweep",
+        type=int,
+        default=0,
+        help="only one process against --workers 2 (gathering light load, and not) at several loads, N rounds",
+    )
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool):
@@ -562,6 +635,13 @@ def main() -> int:
         work = Path(tmp)
         os.chmod(work, 0o777)
         nginx, origin_port = start_nginx(work)
+        if args.workers_sweep:
+            try:
+                print(workers_sweep(origin_port, args, work))
+            finally:
+                nginx.send_signal(signal.SIGTERM)
+                nginx.wait(10)
+            return 0
         if args.interleaved or args.new_connections:
             run = interleaved if args.interleaved else new_connections
             try:
