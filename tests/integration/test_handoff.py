@@ -12,6 +12,7 @@ it holds fewer than `--spread-above` (`proxy_connections_gathered_total`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import socket
@@ -150,35 +151,52 @@ def _get(origin: Origin) -> bytes:
     return b"GET %s/hello HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (origin.url.encode(), origin.port)
 
 
-def _second_request_elsewhere(gw: GatewayProcess, origin: Origin, owner: str) -> tuple[str, str]:
-    """A kept-alive proxy connection whose first request the other process answered:
-    which process answers that one and which the next."""
+def _owner_prefix(busy: socket.socket) -> str:
+    """The request-id prefix of the owner, from the connection `_keep_owner_busy` made."""
+    busy.sendall(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n")
+    status, headers, _ = RawResponses(busy).next()
+    assert status == 200
+    return headers["x-request-id"][:10]
+
+
+def _kept_by_the_other_process(gw: GatewayProcess, origin: Origin, owner: str) -> tuple[socket.socket, RawResponses]:
+    """A kept-alive proxy connection whose first request the other process answered."""
     for _ in range(200):  # the kernel picks the process; 200 misses in a row are 2**-200
-        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
-            reader = RawResponses(s)
-            s.sendall(_get(origin))
-            status, headers, _ = reader.next()
-            assert status == 200
-            first = headers["x-request-id"][:10]
-            if first == owner:
-                continue
-            s.sendall(_get(origin))
-            status, headers, body = reader.next()
-            assert status == 200 and body, body
-            return first, headers["x-request-id"][:10]
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+        reader = RawResponses(s)
+        s.sendall(_get(origin))
+        status, headers, _ = reader.next()
+        assert status == 200
+        if headers["x-request-id"][:10] != owner:
+            return s, reader
+        s.close()
     raise AssertionError("no connection reached the second process")
 
 
 def test_light_load_gathers_in_one_process(start_gateway, origin) -> None:
     """Below --spread-above connections in the owner, the other process passes it each
-    kept-alive proxy connection at its second request: one process serves light load."""
+    kept-alive proxy connection at its second request: one process serves light load.
+    The request moves with the part of its body that had arrived; the rest follows."""
     gw = start_gateway("--workers", "2")
+    body = bytes(range(256)) * 64
+    post = b"POST %s/upload HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: %d\r\n\r\n" % (
+        origin.url.encode(),
+        origin.port,
+        len(body),
+    )
     with _keep_owner_busy(gw.port) as busy:
-        busy.sendall(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n")
-        status, headers, _ = RawResponses(busy).next()
-        owner = headers["x-request-id"][:10]
-        first, second = _second_request_elsewhere(gw, origin, owner)
-    assert first != owner and second == owner
+        owner = _owner_prefix(busy)
+        s, reader = _kept_by_the_other_process(gw, origin, owner)
+        with s:
+            s.sendall(post + body[:1000])
+            time.sleep(0.01)  # the rest comes later: whichever process reads it, the body is whole
+            s.sendall(body[1000:])
+            status, headers, answer = reader.next()
+            assert status == 200 and headers["x-request-id"][:10] == owner
+            assert json.loads(answer) == {"length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+            s.sendall(_get(origin))  # and the connection stays with the owner
+            status, headers, _ = reader.next()
+            assert status == 200 and headers["x-request-id"][:10] == owner
     # Exactly one: the connections the owner took stayed. (Whichever process answers
     # /metrics, the other's count reaches it within a second.)
     wait_for(lambda: metric(gw, "proxy_connections_gathered_total") == 1, "the gathered connection counted")
@@ -187,10 +205,12 @@ def test_light_load_gathers_in_one_process(start_gateway, origin) -> None:
 def test_spread_above_zero_keeps_the_kernels_spread(start_gateway, origin) -> None:
     gw = start_gateway("--workers", "2", "--spread-above", "0")
     with _keep_owner_busy(gw.port) as busy:
-        busy.sendall(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n")
-        status, headers, _ = RawResponses(busy).next()
-        first, second = _second_request_elsewhere(gw, origin, headers["x-request-id"][:10])
-    assert second == first, "the connection stayed where the kernel put it"
+        owner = _owner_prefix(busy)
+        s, reader = _kept_by_the_other_process(gw, origin, owner)
+        with s:
+            s.sendall(_get(origin))
+            status, headers, _ = reader.next()
+    assert status == 200 and headers["x-request-id"][:10] != owner, "the connection stayed where the kernel put it"
     assert metric(gw, "proxy_connections_gathered_total") == 0
 
 
