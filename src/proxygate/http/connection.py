@@ -55,6 +55,48 @@ class Application(Protocol):
 
 
 class ClientConnection(asyncio.Protocol):
+    # Slots: with more than 30 attributes an instance outgrows CPython 3.11's
+    # shared-key dict and gets a dict of its own, built up store by store.
+    # Slotted, making one costs 1.6 instead of 2.2 us, and a request on a new
+    # connection 317k instead of 329k instructions (callgrind).
+    __slots__ = (
+        "app",
+        "_preface",
+        "settings",
+        "writes",
+        "loop",
+        "transport",
+        "peer_ip",
+        "flow",
+        "parser",
+        "pending",
+        "closed",
+        "draining",
+        "detached",
+        "_serving",
+        "_more",
+        "deadline",
+        "_reading_paused",
+        "_parse_stopped",
+        "_upgrade_tail",
+        "_in_head",
+        "_head_bytes",
+        "_url",
+        "_headers",
+        "_head_size",
+        "_parsing",
+        "_content_length",
+        "_chunked",
+        "_expect_continue",
+        "_host",
+        "_rid",
+        "exchange",
+        "close_after",
+        "client_eof",
+        "moved",
+        "served",
+    )
+
     def __init__(self, app: Application, preface: bytes = b"", loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.app = app
         # Bytes another process read from this socket before handing it over
