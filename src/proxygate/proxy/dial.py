@@ -85,8 +85,7 @@ class Dialer:
             if deadline is not None and deadline - loop.time() <= 0:
                 break
             try:
-                async with asyncio.timeout_at(deadline):
-                    return await _connect(loop, factory, ip, sockaddr)
+                return await _connect_by(loop, deadline, factory, ip, sockaddr)
             except TimeoutError:
                 raise GatewayTimeout(f"timed out connecting to {host}:{port} after {self.dial_timeout:g}s") from None
             except OSError as exc:
@@ -96,6 +95,43 @@ class Dialer:
         if isinstance(last_error, ConnectionRefusedError):
             raise BadGateway(f"connection refused by {host}:{port}")
         raise BadGateway(f"cannot connect to {host}:{port}: {last_error.strerror or last_error}")
+
+
+async def _connect_by(
+    loop: asyncio.AbstractEventLoop,
+    deadline: float | None,
+    factory: Callable[[], P],
+    ip: IPAddress,
+    sockaddr: SockAddr,
+) -> tuple[asyncio.Transport, P]:
+    """`_connect`, cancelled with TimeoutError at `deadline` (loop time; None: none).
+
+    What `asyncio.timeout_at` does, without its two getpid() system calls
+    (on Python 3.11 it looks up the running loop and the current task each
+    time): about one in nine of a CONNECT tunnel's system calls. As there, a
+    cancellation from outside stays a cancellation.
+    """
+    if deadline is None:
+        return await _connect(loop, factory, ip, sockaddr)
+    task = asyncio.current_task(loop)  # given the loop, no lookup
+    assert task is not None
+    cancelling = task.cancelling()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = loop.call_at(deadline, expire)
+    try:
+        return await _connect(loop, factory, ip, sockaddr)
+    except asyncio.CancelledError:
+        if expired and task.uncancel() <= cancelling:
+            raise TimeoutError from None
+        raise
+    finally:
+        timer.cancel()
 
 
 async def _connect(
