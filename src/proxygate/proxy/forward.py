@@ -192,7 +192,7 @@ class Forwarder:
         assert body is not None
         chunked = req.chunked or req.content_length is None
         write_timeout = ex.settings.write_timeout
-        loop = asyncio.get_running_loop()
+        loop = ex.conn.loop  # not asyncio.get_running_loop(): a getpid() system call on 3.11
         started = loop.time()
         while not response.done():
             try:
