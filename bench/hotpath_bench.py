@@ -127,8 +127,10 @@ class FakeOrigin:
     """The dialer: each connection answers every request head with RESPONSE on the next pass;
     a half-close is answered with EOF and the connection's end, as an origin closing does."""
 
-    async def open(self, host: str, port: int, factory: Callable[[], Any]) -> tuple[Any, Any]:
-        loop = asyncio.get_running_loop()
+    async def open(
+        self, host: str, port: int, factory: Callable[[], Any], loop: asyncio.AbstractEventLoop | None = None
+    ) -> tuple[Any, Any]:
+        loop = loop or asyncio.get_running_loop()
         protocol = factory()
 
         def received(data: bytes) -> None:

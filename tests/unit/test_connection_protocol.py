@@ -345,7 +345,7 @@ class FakeOrigin:
     def __init__(self) -> None:
         self.opened: list[tuple[FakeTransport, UpstreamConnection]] = []
 
-    async def open(self, host: str, port: int, factory):  # type: ignore[no-untyped-def]
+    async def open(self, host: str, port: int, factory, loop=None):  # type: ignore[no-untyped-def]
         upstream = factory()
         transport = FakeTransport()
         transport.protocol = upstream

@@ -76,7 +76,7 @@ class ConnectHandler:
     async def open(self, req: Request, ex: Exchange, host: str, port: int) -> Tunnel:
         """Dial host:port, answer 200, and start relaying; the caller awaits `tunnel.done`."""
         tunnel = Tunnel(ex.conn, self.idle_timeout)
-        await self.dialer.open(host, port, lambda: tunnel.upstream_side)
+        await self.dialer.open(host, port, lambda: tunnel.upstream_side, ex.conn.loop)
         ex.start_raw(
             200,
             b"HTTP/1.1 200 Connection established\r\nX-Request-ID: %s\r\n%s\r\n"

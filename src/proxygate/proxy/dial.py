@@ -75,9 +75,14 @@ class Dialer:
         remember(self._dns, host, (now + _DNS_TTL, result))
         return result
 
-    async def open(self, host: str, port: int, factory: Callable[[], P]) -> tuple[asyncio.Transport, P]:
-        """Connect to the first allowed address of host:port within the dial timeout."""
-        loop = asyncio.get_running_loop()
+    async def open(
+        self, host: str, port: int, factory: Callable[[], P], loop: asyncio.AbstractEventLoop | None = None
+    ) -> tuple[asyncio.Transport, P]:
+        """Connect to the first allowed address of host:port within the dial timeout.
+
+        `loop`: the running loop, when the caller has it (looking it up is a
+        getpid() system call on 3.11, and a CONNECT dials once per tunnel)."""
+        loop = loop if loop is not None else asyncio.get_running_loop()
         deadline = loop.time() + self.dial_timeout if self.dial_timeout else None
         addresses = self.policy.allowed_addresses(host, port, await self.resolve(host, port))
         last_error: OSError | None = None
