@@ -99,7 +99,9 @@ class Request:
 
     @property
     def is_absolute_form(self) -> bool:
-        return self.target[:1] != b"/" and b"://" in self.target[:16]
+        # find(), not `b"://" in ...`: CPython's bytes `in` builds and drops a
+        # TypeError (it first tries the needle as an int), per request.
+        return self.target[:1] != b"/" and self.target.find(b"://", 0, 16) >= 0
 
 
 @dataclass(slots=True, frozen=True)

@@ -47,7 +47,7 @@ async def read_json_body(req: Request, limit: int = MAX_BODY, within: float = 30
         body = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BadRequest(f"invalid JSON: {str(exc)[:200]}") from None
-    if b"\\u" in data:
+    if data.find(b"\\u") >= 0:  # not `in`: CPython's bytes `in` makes and drops a TypeError first
         # JSON may spell a lone UTF-16 surrogate (\ud800): Python keeps it,
         # and it would fail later when encoded for a worker or a log line.
         try:

@@ -55,7 +55,8 @@ class Target:
         self.port: int = url.port or 80
         path = url.path or b"/"
         self.path = path + b"?" + url.query if url.query is not None else path
-        host_bytes = url.host if b":" not in url.host else b"[" + url.host + b"]"
+        # ord(":"), not b":": bytes `in` bytes builds and drops a TypeError in CPython.
+        host_bytes = url.host if 58 not in url.host else b"[" + url.host + b"]"
         self.authority = host_bytes if self.port == 80 else host_bytes + b":%d" % self.port
 
 

@@ -213,7 +213,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._content_length = int(value)
         elif lname in RESPONSE_SKIP:
             if lname == b"transfer-encoding":
-                self._chunked = b"chunked" in value.lower()
+                self._chunked = value.lower().find(b"chunked") >= 0  # not `in`: no TypeError made and dropped
             elif lname in CONNECTION_HEADERS:
                 self._named = (self._named or set()) | connection_tokens(value)
             return
