@@ -368,13 +368,25 @@ def hey(url: str, proxy_port: int, duration: float, conc: int = 16) -> float:
 
     For an https URL every request is a new CONNECT tunnel with a TLS
     handshake inside (hey does not verify the origin's certificate)."""
-    cmd = ["hey", "-z", f"{max(1, round(duration))}s", "-c", str(conc), "-disable-keepalive"]
+    out = _run_hey(url, proxy_port, duration, conc, "-disable-keepalive")
+    if re.search(r"\[200\]\s+(\d+) responses", out) is None:
+        raise RuntimeError(f"hey got no 200 through port {proxy_port}:\n{out[-2000:]}")
+    return _hey_rate(out)
+
+
+def _run_hey(url: str, proxy_port: int, duration: float, conc: int, *flags: str) -> str:
+    """hey's report of `duration` seconds through the proxy, `conc` at a time."""
+    cmd = ["hey", "-z", f"{max(1, round(duration))}s", "-c", str(conc), *flags]
     cmd += ["-x", f"http://127.0.0.1:{proxy_port}", url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60).stdout
-    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    codes = re.search(r"\[200\]\s+(\d+) responses", out)
-    if match is None or codes is None:
+    if "Requests/sec" not in out:
         raise RuntimeError(f"hey failed: {' '.join(cmd)}\n{out[-2000:]}")
+    return out
+
+
+def _hey_rate(out: str) -> float:
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    assert match is not None  # checked by _run_hey
     return float(match.group(1))
 
 
@@ -545,14 +557,11 @@ def interleaved(proxies: list[Proxy], origin_port: int, args: argparse.Namespace
 
 def hey_at_rate(url: str, proxy_port: int, conns: int, rate: int, duration: float) -> dict[str, float]:
     """`hey` at a fixed total rate over `conns` kept-alive connections: the same load whatever the proxy."""
-    cmd = ["hey", "-z", f"{max(1, round(duration))}s", "-c", str(conns), "-q", str(rate // conns)]
-    cmd += ["-x", f"http://127.0.0.1:{proxy_port}", url]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60).stdout
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    out = _run_hey(url, proxy_port, duration, conns, "-q", str(rate // conns))
     p99 = re.search(r"99%+ in ([\d.]+) secs", out)
-    if rps is None or p99 is None:
-        raise RuntimeError(f"hey failed: {' '.join(cmd)}\n{out[-2000:]}")
-    return {"rps": float(rps.group(1)), "p99_ms": float(p99.group(1)) * 1e3}
+    if p99 is None:
+        raise RuntimeError(f"hey reported no latencies through port {proxy_port}:\n{out[-2000:]}")
+    return {"rps": _hey_rate(out), "p99_ms": float(p99.group(1)) * 1e3}
 
 
 SWEEP_WRK = (1, 8, 16, 32, 64)  # wrk connections, closed loop

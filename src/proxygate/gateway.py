@@ -93,6 +93,8 @@ class Gateway:
         # a sibling reads it to move new connections while the owner has none.
         self._publish_load = parts.owner_load if parts.handoff is None else None
         self._owner_load = parts.owner_load if parts.handoff is not None else None
+        if self._publish_load is not None:
+            self._publish_load.restart()
         # A sibling passes kept-alive proxy connections to the owner while the
         # owner holds fewer than this many (`_gather`); 0: never.
         self._gather_below = self.settings.spread_above if self._owner_load is not None else 0

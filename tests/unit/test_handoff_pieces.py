@@ -47,6 +47,11 @@ def test_owner_load_counts_connections_on_their_way() -> None:
     assert load.connections == 2
     load.publish(0)  # both closed
     assert load.idle
+    load.index = 1
+    load.passed()  # on its way to an owner that dies before adopting it
+    assert not load.idle
+    load.restart()  # its successor
+    assert load.idle and load.connections == 0
 
 
 def test_send_now_passes_a_socket_once_connected(tmp_path) -> None:

@@ -81,6 +81,14 @@ class OwnerLoad:
     def idle(self) -> bool:
         return self.connections <= 0
 
+    def restart(self) -> None:
+        """The owner, starting (again, if its predecessor died): nothing open, nothing on its way.
+
+        Connections passed to a predecessor that died were never adopted;
+        without this they would count for ever."""
+        self._slots[_OPEN] = 0
+        self._slots[_ADOPTED] = sum(self._slots[self._passed])
+
     def publish(self, connections: int) -> None:
         """The owner: how many client connections it has open now (adopted ones included)."""
         self._slots[_OPEN] = connections
