@@ -287,8 +287,9 @@ GATEWAY_FLAGS: tuple[Flag, ...] = (
         "spread-above",
         "32",
         parse_non_negative_int,
-        "--workers N: below this many client connections in process 0, the others pass it their kept-alive"
-        " proxy connections (light load stays on one process); 0: keep the kernel's spread",
+        "--workers N: below this many client connections in process 0 (or while it uses under half a core)"
+        " the others pass it their kept-alive proxy connections, and above it, saturated, it ends some;"
+        " 0: keep the kernel's spread",
     ),
     Flag("upstream-idle-per-host", "256", parse_positive_int, "idle upstream keep-alive connections kept per host"),
     Flag(

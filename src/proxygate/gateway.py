@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .api import ApiRouter, origin_path
+from .busy import BusyMeter
 from .config import GatewaySettings
 from .endpoints import HEALTH_PATHS, Lifecycle
 from .errors import BadRequest, HttpError
@@ -95,6 +96,10 @@ class Gateway:
         self._owner_load = parts.owner_load if parts.handoff is not None else None
         if self._publish_load is not None:
             self._publish_load.restart()
+        # The owner, saturated, ends a kept-alive connection now and then (`_sheds`).
+        self._shed_above = self.settings.spread_above if self._publish_load is not None else 0
+        self._next_shed = 0.0
+        self._busy_meter: BusyMeter | None = None
         # A sibling passes kept-alive proxy connections to the owner while the
         # owner holds fewer than this many (`_gather`); 0: never.
         self._gather_below = self.settings.spread_above if self._owner_load is not None else 0
@@ -107,6 +112,9 @@ class Gateway:
     def bound(self, port: int) -> None:
         """The listener is up on `port` (known only now when asked for port 0)."""
         self.parts.dialer.policy = DestinationPolicy.from_settings(self.settings, bound_port=port)
+        if self._shed_above and self._publish_load is not None:
+            self._busy_meter = BusyMeter(asyncio.get_running_loop(), self._publish_load.publish_busy)
+            self._busy_meter.start()
         if self.inference is not None:
             self.inference.start()
         self.lifecycle.ready = True
@@ -192,6 +200,8 @@ class Gateway:
             return
         if self._gather_below and ex.conn.served and await self._gather(req, ex):
             return
+        if self._shed_above and self._sheds(ex):
+            ex.close_when_done()
         self.access.check_proxy(req)
         if (pending := self._rate_limit(req, "proxy")) is not None:
             await pending
@@ -251,25 +261,47 @@ class Gateway:
         return moved
 
     async def _gather(self, req: Request, ex: Exchange) -> bool:
-        """Pass a kept-alive proxy connection to the owner while the owner holds
-        fewer than `--spread-above` connections; False if it stays here.
+        """Pass a kept-alive proxy connection to the owner while it has room
+        (`OwnerLoad.has_room`: fewer than `--spread-above` connections, or less
+        than half a core in use); False if it stays here.
 
-        Two processes that split a light load between them each batch fewer
+        Two processes that split a load one could carry each batch fewer
         requests per loop pass and compete with each other (and, on a shared
         box, with the clients and origins) for the cores: the tail is worse
-        than one process's at the same load (bench/RESULTS.md). So below the
-        threshold one process serves everything, and above it each process
-        keeps what the kernel gives it. Decided at a connection's second
-        request, not at accept: by then a burst of new connections (a load
-        generator opening all of them at once) has been counted by the owner.
+        than one process's at the same load (bench/RESULTS.md). So such a load
+        gathers in one process; when it outgrows it, the owner lets
+        connections go (`_sheds`). Decided at a connection's second request,
+        not at accept: by then a burst of new connections (a load generator
+        opening all of them at once) has been counted by the owner.
         """
         load = self._owner_load
         assert load is not None
-        if load.connections >= self._gather_below:
+        if not load.has_room(self._gather_below):
             return False
         if not await self._move_to_owner(req, ex):
             return False
         self.connection_stats.gathered += 1
+        return True
+
+    def _sheds(self, ex: Exchange) -> bool:
+        """The owner, saturated with more than `--spread-above` connections: whether
+        this response ends its connection (`Connection: close`).
+
+        Gathered connections stay with the owner; when the load grows past what
+        it can carry, some must go. A client told to close reconnects, the
+        kernel gives the new connection to any process, and the others keep
+        theirs while the owner stays busy. At most one connection every
+        SHED_EVERY seconds, so the split settles instead of swinging.
+        """
+        load = self._publish_load
+        assert load is not None
+        if not load.overloaded(len(self.connections), self._shed_above):
+            return False
+        now = ex.conn.loop.time()
+        if now < self._next_shed:
+            return False
+        self._next_shed = now + SHED_EVERY
+        self.connection_stats.shed += 1
         return True
 
     async def _move_to_owner(self, req: Request, ex: Exchange) -> bool:
@@ -340,6 +372,8 @@ class Gateway:
         if self.inference is not None:
             self.inference.accepting = False
         self._all_closed = asyncio.Event()
+        if self._busy_meter is not None:
+            self._busy_meter.stop()
         for conn in list(self.connections):
             conn.shutdown()
         if self.connections:
@@ -370,6 +404,8 @@ def _inference_plane_path(path: bytes) -> bool:
     """Endpoints only the inference plane's owner can answer."""
     return path.startswith(b"/v1/") or path == b"/status.json"
 
+
+SHED_EVERY = 0.01  # seconds between two connections the saturated owner ends
 
 _ABSOLUTE_TARGET = re.compile(rb"(?:.*?://)?([^/]*)(/[^?#]*)?", re.DOTALL)
 

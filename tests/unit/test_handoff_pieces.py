@@ -157,3 +157,55 @@ def test_a_move_at_accept_is_counted_before_the_owner_counts_it(tmp_path) -> Non
                 theirs.close()
 
     asyncio.run(main())
+
+
+def test_the_owner_has_room_below_spread_above_or_while_not_busy() -> None:
+    load = OwnerLoad(2)
+    load.publish(10)
+    load.publish_busy(0.95)
+    assert load.has_room(32) and not load.has_room(10)  # by the count
+    load.publish_busy(0.3)
+    assert load.has_room(10)  # beyond the count, while it uses under half a core
+    assert not load.overloaded(40, 32)
+    load.publish_busy(0.9)
+    assert load.overloaded(40, 32) and not load.overloaded(32, 32)  # only beyond what it gathers
+    load.publish_busy(0.7)
+    assert not load.has_room(10) and not load.overloaded(40, 32), "between the two, nothing moves"
+
+
+def test_a_saturated_owner_ends_one_connection_at_a_time(tmp_path) -> None:
+    """`Connection: close` on one response every SHED_EVERY seconds, and only while it is
+    saturated with more connections than it gathers."""
+    from proxygate.gateway import SHED_EVERY
+
+    class Clock:
+        now = 100.0
+
+        def time(self) -> float:
+            return self.now
+
+    class Conn:
+        loop = Clock()
+
+    class Ex:
+        conn = Conn()
+
+    load = OwnerLoad(2)
+    gateway = build_gateway(
+        GatewaySettings(blocklist=str(tmp_path / "none.json"), spread_above=2),
+        access_log=AccessLog("json", stream=io.StringIO()),
+        owner_load=load,
+    )
+    ex = Ex()
+    gateway.connections.update({object(), object(), object()})  # type: ignore[arg-type]
+    load.publish_busy(0.5)
+    assert not gateway._sheds(ex)  # type: ignore[arg-type]
+    load.publish_busy(0.95)
+    assert gateway._sheds(ex)  # type: ignore[arg-type]
+    assert not gateway._sheds(ex)  # type: ignore[arg-type]
+    Conn.loop.now += SHED_EVERY
+    assert gateway._sheds(ex)  # type: ignore[arg-type]
+    gateway.connections.pop()
+    Conn.loop.now += SHED_EVERY
+    assert not gateway._sheds(ex), "no more than --spread-above left"  # type: ignore[arg-type]
+    assert gateway.connection_stats.shed == 2

@@ -81,6 +81,26 @@ class OwnerLoad:
     def idle(self) -> bool:
         return self.connections <= 0
 
+    @property
+    def busy(self) -> float:
+        """The share of a core the owner's event loop used, as last measured (`busy.py`)."""
+        return self._slots[_BUSY] / 1000
+
+    def publish_busy(self, share: float) -> None:
+        """The owner: its share of a core, measured."""
+        self._slots[_BUSY] = int(share * 1000)
+
+    def has_room(self, spread_above: int) -> bool:
+        """Whether the owner takes another kept-alive connection from the others
+        (`--spread-above`): below that many connections, or while it uses less
+        than half a core."""
+        return self.connections < spread_above or self.busy < GATHER_WHILE_BUSY_BELOW
+
+    def overloaded(self, connections: int, spread_above: int) -> bool:
+        """The owner, holding `connections`: saturated with more than it gathers,
+        it should let some go. Between this and `has_room` nothing moves."""
+        return connections > spread_above and self.busy >= SHED_WHILE_BUSY_ABOVE
+
     def restart(self) -> None:
         """The owner, starting (again, if its predecessor died): nothing open, nothing on its way.
 
@@ -102,7 +122,14 @@ class OwnerLoad:
         self._slots[_PASSED + self.index] += 1
 
 
-_OPEN, _ADOPTED, _PASSED = 0, 1, 2  # OwnerLoad's slots; per-process ones from _PASSED on
+_OPEN, _ADOPTED, _BUSY, _PASSED = 0, 1, 2, 3  # OwnerLoad's slots; per-process ones from _PASSED on
+
+# Beyond --spread-above connections the others still pass the owner kept-alive
+# connections while it uses less than half a core, and it lets connections go
+# while it uses more than 85 % (on a box it shares, a saturated process gets
+# about 90 % of a core). Measured by `busy.py`.
+GATHER_WHILE_BUSY_BELOW = 0.5
+SHED_WHILE_BUSY_ABOVE = 0.85
 
 
 class HandoffSender:

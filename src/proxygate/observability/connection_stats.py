@@ -25,6 +25,7 @@ class ConnectionStats(Collector):
         self.bytes_up = 0  # client → origin, through tunnels
         self.bytes_down = 0
         self.gathered = 0  # kept-alive connections passed to process 0 (`--workers N`, `--spread-above`)
+        self.shed = 0  # connections process 0 ended while saturated, for its clients to reconnect
 
     def tunnel_ended(self, result: str) -> None:
         self.tunnels[result] = self.tunnels.get(result, 0) + 1
@@ -44,4 +45,9 @@ class ConnectionStats(Collector):
             "proxy_connections_gathered",
             "Kept-alive client connections passed to process 0 while it served fewer than --spread-above",
             value=self.gathered,
+        )
+        yield CounterMetricFamily(
+            "proxy_connections_shed",
+            "Kept-alive connections process 0 ended while saturated (--workers N), for the kernel to spread again",
+            value=self.shed,
         )

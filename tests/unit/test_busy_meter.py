@@ -1,0 +1,67 @@
+"""BusyMeter: the event loop's share of a core, from its thread's CPU time over wall time
+(both clocks injected here, so the shares are exact)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxygate.busy import BusyMeter
+
+
+class Clocks:
+    def __init__(self) -> None:
+        self.cpu = 5.0
+        self.wall = 1000.0
+
+    def run(self, wall: float, busy: float) -> None:
+        """`wall` seconds pass, `busy` of them on the CPU."""
+        self.wall += wall
+        self.cpu += wall * busy
+
+
+def test_the_share_follows_the_cpu_time_smoothed_over_two_intervals() -> None:
+    async def main() -> list[float]:
+        clocks = Clocks()
+        seen: list[float] = []
+        meter = BusyMeter(
+            asyncio.get_running_loop(), seen.append, cpu_clock=lambda: clocks.cpu, wall_clock=lambda: clocks.wall
+        )
+        for busy in (1.0, 1.0, 1.0, 0.0, 0.0, 0.3):
+            clocks.run(0.1, busy)
+            meter._tick()
+        meter.stop()
+        return seen
+
+    assert asyncio.run(main()) == pytest.approx([0.5, 0.75, 0.875, 0.4375, 0.21875, 0.259375])
+
+
+def test_a_share_never_exceeds_one_core() -> None:
+    async def main() -> list[float]:
+        clocks = Clocks()
+        seen: list[float] = []
+        meter = BusyMeter(
+            asyncio.get_running_loop(), seen.append, cpu_clock=lambda: clocks.cpu, wall_clock=lambda: clocks.wall
+        )
+        clocks.run(0.1, 3.0)  # threads of a process could; the loop's thread cannot, but clocks skew
+        meter._tick()
+        meter.stop()
+        return seen
+
+    assert asyncio.run(main()) == [0.5]
+
+
+def test_it_measures_the_running_thread() -> None:
+    """With the real clocks: a loop that only sleeps reads (close to) idle."""
+
+    async def main() -> list[float]:
+        seen: list[float] = []
+        meter = BusyMeter(asyncio.get_running_loop(), seen.append, interval=0.02)
+        meter.start()
+        while len(seen) < 3:
+            await asyncio.sleep(0.02)
+        meter.stop()
+        return seen
+
+    assert asyncio.run(main())[-1] < 0.5
