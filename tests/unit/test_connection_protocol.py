@@ -13,6 +13,7 @@ from proxygate.config import GatewaySettings
 from proxygate.http.connection import MAX_PIPELINED
 from proxygate.http.exchange import Exchange
 from proxygate.http.message import Request
+from proxygate.inference.handoff import OwnerLoad
 from proxygate.observability.logging import AccessLog
 from proxygate.observability.metrics import GatewayMetrics
 from proxygate.policy.blocklist import BlocklistFile
@@ -581,5 +582,35 @@ def test_gateway_shutdown_ends_when_its_last_connection_closes_not_at_its_timeou
         aborted = await gateway.drain_connections(timeout=30)
         assert aborted == 0 and t.closed and not gateway.connections
         assert clock.now - started < 30, "shutdown waited out its timeout after the last connection had closed"
+
+    run(test)
+
+
+def test_a_saturated_owner_ends_a_kept_alive_connection_with_connection_close(tmp_path) -> None:
+    """`--workers N`, process 0 saturated with more connections than --spread-above: one
+    response says `Connection: close` and the connection ends; the next within SHED_EVERY
+    keeps its connection (at most one connection per interval)."""
+
+    async def test(clock: VirtualClock) -> None:
+        load = OwnerLoad(2)
+        gateway = build_gateway(
+            GatewaySettings(blocklist=str(tmp_path / "none.json"), spread_above=1, deny_destinations=()),
+            access_log=AccessLog("json", stream=io.StringIO()),
+            owner_load=load,
+        )
+        origin = FakeOrigin()
+        gateway.pool.dialer = origin  # type: ignore[assignment]
+        (a, a_t), (b, b_t) = connect(gateway), connect(gateway)  # type: ignore[arg-type]
+        load.publish_busy(0.95)
+        out = []
+        for conn, t in ((a, a_t), (b, b_t)):
+            conn.data_received(b"GET http://o.test/ HTTP/1.1\r\nHost: o.test\r\n\r\n")
+            await settle()
+            await answer(*origin.opened[-1], b"ok")
+            await settle()
+            ((status, headers, body),) = responses(t.take())
+            out.append((status, headers.get(b"connection"), body, t.closed))
+        assert out == [(200, b"close", b"ok", True), (200, None, b"ok", False)]
+        assert gateway.connection_stats.shed == 1
 
     run(test)
