@@ -21,35 +21,32 @@ class Clocks:
         self.cpu += wall * busy
 
 
-def test_the_share_follows_the_cpu_time_smoothed_over_two_intervals() -> None:
+def _published(intervals: list[tuple[float, float]]) -> list[float]:
+    """What a meter on injected clocks publishes over (wall seconds, share busy) intervals."""
+
     async def main() -> list[float]:
         clocks = Clocks()
         seen: list[float] = []
         meter = BusyMeter(
             asyncio.get_running_loop(), seen.append, cpu_clock=lambda: clocks.cpu, wall_clock=lambda: clocks.wall
         )
-        for busy in (1.0, 1.0, 1.0, 0.0, 0.0, 0.3):
-            clocks.run(0.1, busy)
+        for wall, busy in intervals:
+            clocks.run(wall, busy)
             meter._tick()
         meter.stop()
         return seen
 
-    assert asyncio.run(main()) == pytest.approx([0.5, 0.75, 0.875, 0.4375, 0.21875, 0.259375])
+    return asyncio.run(main())
+
+
+def test_the_share_follows_the_cpu_time_smoothed_over_two_intervals() -> None:
+    shares = _published([(0.1, busy) for busy in (1.0, 1.0, 1.0, 0.0, 0.0, 0.3)])
+    assert shares == pytest.approx([0.5, 0.75, 0.875, 0.4375, 0.21875, 0.259375])
 
 
 def test_a_share_never_exceeds_one_core() -> None:
-    async def main() -> list[float]:
-        clocks = Clocks()
-        seen: list[float] = []
-        meter = BusyMeter(
-            asyncio.get_running_loop(), seen.append, cpu_clock=lambda: clocks.cpu, wall_clock=lambda: clocks.wall
-        )
-        clocks.run(0.1, 3.0)  # threads of a process could; the loop's thread cannot, but clocks skew
-        meter._tick()
-        meter.stop()
-        return seen
-
-    assert asyncio.run(main()) == [0.5]
+    # A process's threads together could; the loop's thread cannot, but clocks skew.
+    assert _published([(0.1, 3.0)]) == [0.5]
 
 
 def test_it_measures_the_running_thread() -> None:
