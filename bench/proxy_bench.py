@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -569,8 +570,8 @@ SWEEP_RATES = ((16, 8000), (64, 16000))  # hey: connections, total req/s (one pr
 
 
 def workers_sweep(origin_port: int, args: argparse.Namespace, work: Path) -> str:
-    """One process against `--workers 2` with and without gathering light load, at several loads,
-    `args.workers_sweep` rounds round-robin over the three started at once."""
+    """One process against `--workers 2` with and without load steering (`--spread-above`), at
+    several loads, `args.workers_sweep` rounds round-robin over the three started at once."""
     flags = {
         "one process": ("--workers", "1"),
         "--workers 2 --spread-above 0": ("--workers", "2", "--spread-above", "0"),
@@ -580,21 +581,25 @@ def workers_sweep(origin_port: int, args: argparse.Namespace, work: Path) -> str
     for name, extra in flags.items():
         port = free_port()
         proxies.append(Proxy(name, gateway_argv(port, *proxygate_flags(work), *extra), port))
-    loads = [f"wrk c={c}" for c in SWEEP_WRK] + [f"hey c={c} at {r} req/s" for c, r in SWEEP_RATES]
-    runs: dict[tuple[str, str], list[dict[str, float]]] = {}
     small = f"http://127.0.0.1:{origin_port}/small"
+
+    def closed_loop(conns: int) -> Callable[[int], dict[str, float]]:
+        return lambda port: wrk(small, port, conns, args.duration, work)
+
+    def fixed_rate(conns: int, rate: int) -> Callable[[int], dict[str, float]]:
+        return lambda port: hey_at_rate(small, port, conns, rate, args.duration)
+
+    # Each load by its row label: how to apply it through a proxy's port.
+    loads = {f"wrk c={c}": closed_loop(c) for c in SWEEP_WRK}
+    loads.update({f"hey c={c} at {r} req/s": fixed_rate(c, r) for c, r in SWEEP_RATES})
+    runs: dict[tuple[str, str], list[dict[str, float]]] = {}
     for proxy in proxies:
         proxy.start(work)
     try:
         for _ in range(args.workers_sweep):
-            for load in loads:
+            for load, measure in loads.items():
                 for proxy in proxies:
-                    if load.startswith("wrk"):
-                        run = wrk(small, proxy.port, int(load.split("=")[1]), args.duration, work)
-                    else:
-                        conns, rate = next((c, r) for c, r in SWEEP_RATES if load == f"hey c={c} at {r} req/s")
-                        run = hey_at_rate(small, proxy.port, conns, rate, args.duration)
-                    runs.setdefault((load, proxy.name), []).append(run)
+                    runs.setdefault((load, proxy.name), []).append(measure(proxy.port))
     finally:
         for proxy in proxies:
             proxy.stop()
