@@ -45,12 +45,14 @@ class OwnEndpoints:
         api.add("/status.json", ("GET",), status_json or self.status_json)
 
     async def metrics_text(self, req: Request, ex: Exchange) -> None:
+        await self.metrics.refresh()
         ex.send(200, [(b"Content-Type", self.metrics.content_type.encode())], self.metrics.render())
 
     async def status_page(self, req: Request, ex: Exchange) -> None:
         ex.send(200, [(b"Content-Type", b"text/html; charset=utf-8"), _NO_STORE], self._status_html)
 
     async def status_json(self, req: Request, ex: Exchange) -> None:
+        await self.metrics.refresh()
         body = json.dumps(self.board.snapshot(), separators=(",", ":")).encode()
         ex.send(200, [_JSON, _NO_STORE], body)
 

@@ -161,6 +161,7 @@ async def serve(
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc)
         return 1
+    gateway.metrics.answer_refreshes(loop)
     bound = socks[0].getsockname()
     gateway.bound(bound[1])
     if on_listening is not None:
@@ -198,6 +199,7 @@ async def serve(
             loop.remove_signal_handler(sig)
         log.info("stopped")
         gateway.metrics.publish()
+        gateway.metrics.stop_answering()
         gateway.access_log.flush()
         sys.stderr.flush()
     return 0

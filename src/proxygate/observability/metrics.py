@@ -9,6 +9,8 @@ prometheus_client objects updated off the hot path.
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -59,6 +61,11 @@ class GatewayMetrics:
         self.observe_request = self.request_stats.observe
         self.recent_errors = RecentErrors()
 
+    async def refresh(self) -> None:
+        """Before a scrape: the other processes publish what they have counted up to now."""
+        if self.exchange is not None:
+            await self.exchange.requests.refresh()
+
     def render(self) -> bytes:
         if self.exchange is None:
             return generate_latest(self.registry)
@@ -68,7 +75,7 @@ class GatewayMetrics:
 
     def families_and_errors(self) -> tuple[list[Family], list[ErrorEntry]]:
         """Every metric as plain data and every recent error, all processes merged
-        (others' up to a second old): what the status page reads."""
+        (others' as of their last publish; `refresh` first for now): what the status page reads."""
         if self.exchange is None:
             return snapshot(self.registry), self.recent_errors.entries()
         return self.exchange.merged_with_errors(self.registry, self.recent_errors.entries())
@@ -77,3 +84,12 @@ class GatewayMetrics:
         """Hand this process's metrics and recent errors to the others (several processes only)."""
         if self.exchange is not None:
             self.exchange.publish(self.registry, self.recent_errors.entries())
+
+    def answer_refreshes(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Publish whenever another process is about to answer a scrape (several processes only)."""
+        if self.exchange is not None:
+            self.exchange.requests.start(loop, self.publish)
+
+    def stop_answering(self) -> None:
+        if self.exchange is not None:
+            self.exchange.requests.close()

@@ -7,7 +7,9 @@ others' snapshots: counters, histograms and gauges of process-local things
 (open connections, queue depth) are summed; gauges that observe the same
 external thing from every process (a model worker's health) take the
 largest value; `_created` takes the earliest. The snapshot also carries the
-process's recent errors, for the status page.
+process's recent errors, for the status page. Before a scrape the answering
+process asks the others to publish at once (`snapshot_requests.py`), so a
+scrape is as current as one process's would be.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+from .snapshot_requests import SnapshotRequests
 
 Family = dict[str, Any]  # {"name", "doc", "type", "samples": [[name, labels, value], ...]}
 ErrorEntry = dict[str, Any]  # one recent error, as the status page shows it
@@ -43,6 +47,7 @@ class MetricsExchange:
         self.index = index
         self.observed_prefixes = observed_prefixes
         self._path = self.directory / f"process-{index}.json"
+        self.requests = SnapshotRequests(self.directory, index)
 
     def publish(self, collector: Collector, errors: Sequence[ErrorEntry] = ()) -> None:
         """Write this process's snapshot (atomically: readers never see half a file)."""
