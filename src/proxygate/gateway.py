@@ -156,15 +156,19 @@ class Gateway:
             self._all_closed.set()
 
     def moved_at_accept(self, conn: ClientConnection) -> bool:
-        """A sibling passes a new connection to the inference plane's owner while neither has another open.
+        """A sibling passes a new connection to the owner while it has room at accept
+        (`OwnerLoad.room_at_accept`: fewer than `--spread-above` connections and
+        under half a core in use).
 
         Before any byte is read, so the move overlaps the client sending its
-        request (`inference/handoff.py`). Only when the gateway is idle:
-        under load each process keeps what the kernel gives it. TLS
-        connections stay: their session cannot move.
+        request (`inference/handoff.py`): a light load is served by one
+        process from a connection's first request, as one process would serve
+        it (its upstream pool, its tail latency, its `/v1/*` plane without a
+        move later). Under load each process keeps what the kernel gives it.
+        TLS connections stay: their session cannot move.
         """
         load, handoff, transport = self._owner_load, self.parts.handoff, conn.transport
-        if load is None or handoff is None or transport is None or len(self.connections) > 1 or not load.idle:
+        if load is None or handoff is None or transport is None or not load.room_at_accept(self._gather_below):
             return False
         sock = transport.get_extra_info("socket")
         if sock is None or transport.get_extra_info("sslcontext") is not None or not handoff.send_now(sock.fileno()):

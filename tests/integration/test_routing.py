@@ -69,7 +69,8 @@ class Stream:
 
 def test_one_scheduler_never_offers_a_worker_more_than_its_capacity(start_gateway, start_worker) -> None:
     w = start_worker("--max-concurrency", "2", "--latency", "0.02")
-    gw = start_gateway("--workers", "2", "-worker-addrs", w.addr)
+    # --spread-above 0: each connection stays in the process the kernel gave it to, so both take requests.
+    gw = start_gateway("--workers", "2", "--spread-above", "0", "-worker-addrs", w.addr)
     wait_healthy(gw)
 
     def one(i: int) -> tuple[int, str]:
@@ -91,7 +92,7 @@ def test_one_scheduler_never_offers_a_worker_more_than_its_capacity(start_gatewa
 
 def test_priority_order_holds_across_processes(start_gateway, start_worker) -> None:
     w = start_worker("--max-concurrency", "1", "--latency", "0.05")
-    gw = start_gateway("--workers", "2", "-worker-addrs", w.addr, "--coalesce", "off")
+    gw = start_gateway("--workers", "2", "--spread-above", "0", "-worker-addrs", w.addr, "--coalesce", "off")
     wait_healthy(gw)
     blocker = Stream(gw, {"prompt": "block " * 20, "max_tokens": 21})
     wait_for(lambda: w.health().active_sequences == 1, "the blocker to run")
@@ -112,7 +113,7 @@ PROMPT = " ".join(f"w{i}" for i in range(30))
 
 def test_identical_greedy_requests_share_one_generation(start_gateway, start_worker) -> None:
     w = start_worker("--max-concurrency", "4", "--latency", "0.1")
-    gw = start_gateway("--workers", "2", "-worker-addrs", w.addr)
+    gw = start_gateway("--workers", "2", "--spread-above", "0", "-worker-addrs", w.addr)
     wait_healthy(gw)
     body = {"prompt": PROMPT, "max_tokens": 31, "temperature": 0}
     gate = threading.Barrier(40)

@@ -45,7 +45,8 @@ def proxy_get(gw: GatewayProcess, url: bytes) -> bytes:
 
 def test_status_json_shows_workers_queue_by_priority_and_totals(start_gateway, start_worker) -> None:
     w = start_worker("--max-concurrency", "1", "--latency", "0.05")
-    gw = start_gateway("--workers", "2", "-worker-addrs", w.addr, "--coalesce", "off")
+    # --spread-above 0: each connection stays in the process the kernel gave it to, so both take requests.
+    gw = start_gateway("--workers", "2", "--spread-above", "0", "-worker-addrs", w.addr, "--coalesce", "off")
     wait_healthy(gw)
     blocker = Stream(gw, {"prompt": "block " * 30, "max_tokens": 31})
     wait_for(lambda: w.health().active_sequences == 1, "the blocker to run")
@@ -72,7 +73,7 @@ def test_status_json_shows_workers_queue_by_priority_and_totals(start_gateway, s
 
 
 def test_recent_errors_come_from_every_process(start_gateway) -> None:
-    gw = start_gateway("--workers", "2", "--http-ports", "*")
+    gw = start_gateway("--workers", "2", "--spread-above", "0", "--http-ports", "*")
     port = refused_port()
     for i in range(6):  # new connections: both processes answer some
         assert proxy_get(gw, b"http://127.0.0.1:%d/missing-%d" % (port, i)).startswith(b"HTTP/1.1 502")

@@ -17,15 +17,15 @@ from proxygate.wiring import build_gateway
 
 def test_owner_load_is_shared_across_fork() -> None:
     load = OwnerLoad(2)
-    assert load.idle
+    assert load.connections == 0
     pid = os.fork()
     if pid == 0:  # the owner, in another process
         load.publish(3)
         os._exit(0)
     os.waitpid(pid, 0)
-    assert not load.idle
+    assert load.connections > 0
     load.publish(0)
-    assert load.idle
+    assert load.connections == 0
 
 
 def test_owner_load_counts_connections_on_their_way() -> None:
@@ -46,12 +46,12 @@ def test_owner_load_counts_connections_on_their_way() -> None:
     load.adopted()
     assert load.connections == 2
     load.publish(0)  # both closed
-    assert load.idle
+    assert load.connections == 0
     load.index = 1
     load.passed()  # on its way to an owner that dies before adopting it
-    assert not load.idle
+    assert load.connections > 0
     load.restart()  # its successor
-    assert load.idle and load.connections == 0
+    assert load.connections == 0
 
 
 def test_send_now_passes_a_socket_once_connected(tmp_path) -> None:
@@ -106,8 +106,8 @@ class _Accepted:
 
 
 def test_a_move_at_accept_is_counted_before_the_owner_counts_it(tmp_path) -> None:
-    """A burst of new connections: the first moves to the idle owner; the next finds it busy at
-    once, though the owner has not adopted the first yet (else the whole burst would move)."""
+    """A burst of new connections moves to an owner with room until it holds `--spread-above`
+    of them, though the owner has adopted none yet (else the whole burst would move)."""
 
     async def main() -> None:
         async def adopt(sock: socket.socket, preface: bytes) -> None:
@@ -118,7 +118,7 @@ def test_a_move_at_accept_is_counted_before_the_owner_counts_it(tmp_path) -> Non
         receiver.start()
         load = OwnerLoad(2)
         load.index = 1  # the gateway below is the second process
-        settings = GatewaySettings(blocklist=str(tmp_path / "none.json"))
+        settings = GatewaySettings(blocklist=str(tmp_path / "none.json"), spread_above=2)
         gateway = build_gateway(
             settings,
             access_log=AccessLog("json", stream=io.StringIO()),
@@ -136,7 +136,7 @@ def test_a_move_at_accept_is_counted_before_the_owner_counts_it(tmp_path) -> Non
             else:
                 raise AssertionError("the sender never connected")
             for _ in range(200):  # that first connection reaches the owner: idle again
-                if load.idle:
+                if load.connections == 0:
                     break
                 await asyncio.sleep(0.01)
             else:
@@ -147,8 +147,8 @@ def test_a_move_at_accept_is_counted_before_the_owner_counts_it(tmp_path) -> Non
             for conn in accepted:
                 gateway.connection_opened(conn)  # type: ignore[arg-type]
                 verdicts.append(gateway.moved_at_accept(conn))  # type: ignore[arg-type]
-            assert verdicts == [True, False, False]
-            assert load.connections == 1
+            assert verdicts == [True, True, False]
+            assert load.connections == 2
         finally:
             handoff.close()
             receiver.close()
@@ -157,6 +157,15 @@ def test_a_move_at_accept_is_counted_before_the_owner_counts_it(tmp_path) -> Non
                 theirs.close()
 
     asyncio.run(main())
+
+
+def test_at_accept_the_owner_has_room_below_spread_above_and_while_not_busy() -> None:
+    load = OwnerLoad(2)
+    load.publish(10)
+    assert load.room_at_accept(32) and not load.room_at_accept(10)
+    load.publish_busy(0.6)  # a load of short connections keeps the count low, not the busy share
+    assert not load.room_at_accept(32)
+    assert not OwnerLoad(2).room_at_accept(0), "--spread-above 0: the kernel's spread"
 
 
 def test_the_owner_has_room_below_spread_above_or_while_not_busy() -> None:

@@ -15,13 +15,14 @@ the request, no chunked body (its raw bytes are gone once decoded), no TLS
 (its session state cannot move), nothing left to write. Otherwise, or when
 the owner cannot be reached, the sibling relays as before.
 
-While the gateway is idle (the owner has no client connection open, which
-`OwnerLoad` shares, and the sibling none but the new one), a sibling moves
-each new plain connection at once, before reading a byte: the move then
-overlaps the client sending its request instead of following it, so a
-request on a new connection costs what it would had the owner accepted it.
-Under load nothing moves this way, and the kernel's spread of connections
-over the processes holds.
+While the owner has room (fewer than `--spread-above` client connections,
+counted in memory that every process shares, and under half a core in
+use), a sibling moves each new plain connection at once, before reading a
+byte: the move then overlaps the client sending its request instead of
+following it, so a request on a new connection costs what it would had the
+owner accepted it, and a light load is served by one process. Under load
+nothing moves this way, and the kernel's spread of connections over the
+processes holds.
 
 Wire format, per connection: a 4-byte big-endian length, then that many
 bytes; the socket travels as ancillary data with the frame's first byte.
@@ -77,9 +78,12 @@ class OwnerLoad:
         slots = self._slots
         return slots[_OPEN] + sum(slots[self._passed]) - slots[_ADOPTED]
 
-    @property
-    def idle(self) -> bool:
-        return self.connections <= 0
+    def room_at_accept(self, spread_above: int) -> bool:
+        """Whether the owner takes a connection another process has just accepted:
+        fewer than `--spread-above` connections and under half a core in use (0:
+        never). Stricter than `has_room`, since a load of a new connection per
+        request would otherwise all pass through one process to the other."""
+        return self.connections < spread_above and self.busy < GATHER_WHILE_BUSY_BELOW
 
     @property
     def busy(self) -> float:
