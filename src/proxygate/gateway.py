@@ -158,7 +158,7 @@ class Gateway:
     def moved_at_accept(self, conn: ClientConnection) -> bool:
         """A sibling passes a new connection to the owner while it has room at accept
         (`OwnerLoad.room_at_accept`: fewer than `--spread-above` connections and
-        under half a core in use).
+        under a quarter of a core in use).
 
         Before any byte is read, so the move overlaps the client sending its
         request (`inference/handoff.py`): a light load is served by one

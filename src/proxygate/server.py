@@ -34,6 +34,9 @@ log = logging.getLogger("proxygate.server")
 
 WATCH_INTERVAL = 1.0
 FLUSH_INTERVAL = 0.25
+# How long a process that does not own the inference plane waits, at start, for
+# the one that does to take handoffs (it starts them before it reports ready).
+OWNER_START_WAIT = 10.0
 # Young-generation size before a collection; the older generations' ratios.
 GC_THRESHOLDS = (10_000, 20, 100)
 
@@ -140,6 +143,8 @@ async def serve(
             return 1
     host, port = settings.listen
     handoffs: HandoffReceiver | None = None
+    if gateway.parts.handoff is not None and not await gateway.parts.handoff.connect(within=OWNER_START_WAIT):
+        log.warning("the inference plane's owner is not reachable yet; connections move once it is")
     try:
         socks = listeners if listeners is not None else open_listeners(host, port)
         servers = [

@@ -84,17 +84,19 @@ def _served_by(port: int) -> str:
 
 
 def test_an_owner_with_room_takes_new_connections_at_accept(start_gateway) -> None:
-    """While the owner has fewer than `--spread-above` connections, the other process moves
-    each new one before reading it.
+    """While the owner has fewer than `--spread-above` connections and is not busy, the other
+    process moves each new one before reading it, from the first connection after start (it
+    connects to the owner before it serves).
 
     Only /healthz is asked here, which never moves a connection for its
     request: every connection counted as moved moved at accept.
     """
     gw = start_gateway("--workers", "2")
     answered = [_served_by(gw.port) for _ in range(40)]
-    wait_for(lambda: metric(gw, "inference_handoffs_total", result="moved") > 0, "connections moved at accept")
-    owner = max(set(answered), key=answered.count)
-    assert answered.count(owner) > 20, answered
+    with _keep_owner_busy(gw.port) as owner_connection:
+        owner = _owner_prefix(owner_connection)
+    assert answered == [owner] * 40
+    assert metric(gw, "inference_handoffs_total", result="moved") > 0, "the kernel gave the other process none"
 
 
 def test_an_owner_without_room_is_left_alone(start_gateway) -> None:

@@ -80,10 +80,11 @@ class OwnerLoad:
 
     def room_at_accept(self, spread_above: int) -> bool:
         """Whether the owner takes a connection another process has just accepted:
-        fewer than `--spread-above` connections and under half a core in use (0:
-        never). Stricter than `has_room`, since a load of a new connection per
-        request would otherwise all pass through one process to the other."""
-        return self.connections < spread_above and self.busy < GATHER_WHILE_BUSY_BELOW
+        fewer than `--spread-above` connections and under a quarter of a core in
+        use (`--spread-above 0`: never). Stricter than `has_room`: a load of one
+        short connection per request keeps the count low, and would otherwise
+        pass through one process to the other until the owner saturates."""
+        return self.connections < spread_above and self.busy < MOVE_AT_ACCEPT_WHILE_BUSY_BELOW
 
     @property
     def busy(self) -> float:
@@ -131,9 +132,12 @@ _OPEN, _ADOPTED, _BUSY, _PASSED = 0, 1, 2, 3  # OwnerLoad's slots; per-process o
 # Beyond --spread-above connections the others still pass the owner kept-alive
 # connections while it uses less than half a core, and it lets connections go
 # while it uses more than 85 % (on a box it shares, a saturated process gets
-# about 90 % of a core). Measured by `busy.py`.
+# about 90 % of a core). New connections move at accept only while it uses
+# less than a quarter. Measured by `busy.py`.
 GATHER_WHILE_BUSY_BELOW = 0.5
 SHED_WHILE_BUSY_ABOVE = 0.85
+MOVE_AT_ACCEPT_WHILE_BUSY_BELOW = 0.25
+_CONNECT_RETRY = 0.01  # while the owner starts: it listens for handoffs before it says it is ready
 
 
 class HandoffSender:
@@ -192,6 +196,22 @@ class HandoffSender:
         if self.load is not None:
             self.load.passed()
         return True
+
+    async def connect(self, within: float) -> bool:
+        """Connect to the owner before serving, trying again while it starts (up to `within`
+        seconds): a connection accepted before then could not move at accept. False if the
+        owner is not there yet; each send tries again."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + within
+        while True:
+            try:
+                async with self._lock:
+                    await self._connected()
+                return True
+            except OSError:
+                if loop.time() >= give_up:
+                    return False
+                await asyncio.sleep(_CONNECT_RETRY)
 
     def _connect_soon(self) -> None:
         if self._connecting is None:
