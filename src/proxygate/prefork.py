@@ -38,6 +38,9 @@ log = logging.getLogger("proxygate.prefork")
 
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _POLL = 0.2
+# Until every process has reported ready: readiness comes through a pipe, which
+# does not end the wait for a signal, and "listening on" should not lag it.
+_STARTING_POLL = 0.005
 # More failures than this within the window and the supervisor gives up.
 CRASH_LIMIT, CRASH_WINDOW = 5, 60.0
 # Beyond -shutdown-timeout, how long a draining process gets before SIGKILL.
@@ -74,6 +77,10 @@ def serve_child(settings: GatewaySettings, ctx: ChildContext) -> int:
     from .wiring import build_gateway
 
     ctx.owner_load.index = ctx.index  # this process's copy: it counts the connections it passes
+    if ctx.index != 0:
+        # Every process loads and reloads the same files; process 0 reports it, as
+        # one process would (a failure is still reported by each).
+        logging.getLogger("proxygate.config").setLevel(logging.WARNING)
 
     async def main() -> int:
         owner = ctx.index == 0
@@ -171,7 +178,7 @@ class Supervisor:
     def _supervise(self) -> int:
         kill_at = 0.0
         while self.children:
-            info = signal.sigtimedwait(_SIGNALS, _POLL)
+            info = signal.sigtimedwait(_SIGNALS, _POLL if self.all_ready else _STARTING_POLL)
             self._collect_ready()
             self._reap()
             if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
