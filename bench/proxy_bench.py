@@ -13,8 +13,9 @@ Run:          .venv/bin/python bench/proxy_bench.py [--runs 3] [--duration 3] [-
 proxygate, squid and proxy.py write one access-log line per request (their
 default). tinyproxy logs only critical errors: at its default Info level it
 stalls here (about 700 req/s, p99 300 ms); pproxy logs nothing unless asked.
-proxygate runs twice: one process (the default) and `--workers 2` (one per
-core here).
+proxygate runs as the default (`--workers auto`: one process per CPU, two
+here), as `proxygate-1p` (`--workers 1`) and as `proxygate-2p` (`--workers 2`);
+`--only` picks among them.
 
 `--workers-sweep N` compares one proxygate process with `--workers 2`, with
 and without gathering light load on one process (`--spread-above`), under
@@ -211,10 +212,15 @@ def make_proxies(work: Path, only: set[str] | None, baseline_src: str = "", base
     def want(name: str) -> bool:
         return only is None or name in only
 
-    for name, processes in (("proxygate", "1"), ("proxygate-2p", "2")):
+    # "proxygate" is the default (`--workers auto`: one process per CPU); the others pin the count.
+    for name, workers in (
+        ("proxygate", ()),
+        ("proxygate-1p", ("--workers", "1")),
+        ("proxygate-2p", ("--workers", "2")),
+    ):
         if want(name):
             port = free_port()
-            argv = gateway_argv(port, *proxygate_flags(work), "--workers", processes)
+            argv = gateway_argv(port, *proxygate_flags(work), *workers)
             proxies.append(Proxy(name, argv, port))
     if baseline_src:
         # Another checkout's src/ (an earlier commit, say), for before/after in one run.
@@ -622,7 +628,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="comma list of targets (direct,proxygate,proxygate-2p,tinyproxy,squid,pproxy,proxy.py)",
+        help="comma list of targets (direct,proxygate,proxygate-1p,proxygate-2p,tinyproxy,squid,pproxy,proxy.py)",
     )
     parser.add_argument("--json", default="", help="also write raw results here")
     parser.add_argument("--interleaved", type=int, default=0, help="only c=64 keep-alive, N rounds round-robin")

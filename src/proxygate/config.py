@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -279,17 +279,18 @@ GATEWAY_FLAGS: tuple[Flag, ...] = (
     Flag("worker-eject-after", "3", parse_positive_int, "failed polls in a row before a worker is ejected"),
     Flag(
         "workers",
-        "1",
+        "auto",
         parse_workers,
-        "processes serving the listener (SO_REUSEPORT); auto: one per CPU. Rate limits and /metrics cover them all",
+        "processes serving the listener (SO_REUSEPORT); auto: one per CPU this process may use."
+        " Rate limits and /metrics cover them all",
     ),
     Flag(
         "spread-above",
         "32",
         parse_non_negative_int,
-        "--workers N: below this many client connections in process 0 (or while it uses under half a core)"
-        " the others pass it their kept-alive proxy connections, and above it, saturated, it ends some;"
-        " 0: keep the kernel's spread",
+        "several processes: below this many client connections in process 0 the others pass it their"
+        " connections (new ones while it is nearly idle, kept-alive ones while it has room), and above it,"
+        " saturated, it ends some; 0: keep the kernel's spread",
     ),
     Flag("upstream-idle-per-host", "256", parse_positive_int, "idle upstream keep-alive connections kept per host"),
     Flag(
@@ -358,7 +359,7 @@ class GatewaySettings:
     health_interval: float = 1.0
     health_timeout: float = 1.0
     worker_eject_after: int = 3
-    workers: int = 1
+    workers: int = field(default_factory=lambda: parse_workers("auto"))
     spread_above: int = 32
     upstream_idle_per_host: int = 256
     routes: str = ""

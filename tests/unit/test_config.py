@@ -32,6 +32,7 @@ def test_defaults_match_the_seed() -> None:
     assert s.inference_timeout == 300 and s.shutdown_timeout == 30 and s.dial_timeout == 10
     assert s.connect_ports == frozenset({443})
     assert ipaddress.ip_network("169.254.0.0/16") in s.deny_destinations
+    assert s.workers == len(os.sched_getaffinity(0)) and s.spread_above == 32
 
 
 def test_both_spellings_equals_and_env() -> None:
