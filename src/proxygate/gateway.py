@@ -112,11 +112,13 @@ class Gateway:
     def bound(self, port: int) -> None:
         """The listener is up on `port` (known only now when asked for port 0)."""
         self.parts.dialer.policy = DestinationPolicy.from_settings(self.settings, bound_port=port)
-        if self._shed_above and self._publish_load is not None:
-            self._busy_meter = BusyMeter(asyncio.get_running_loop(), self._publish_load.publish_busy)
-            self._busy_meter.start()
         if self.inference is not None:
             self.inference.start()
+        if self._shed_above and self._publish_load is not None:
+            # After the start's own work, which is not load: measured, it would keep
+            # new connections from moving here for the first few tenths of a second.
+            self._busy_meter = BusyMeter(asyncio.get_running_loop(), self._publish_load.publish_busy)
+            self._busy_meter.start()
         self.lifecycle.ready = True
 
     def watched_files(self) -> list[WatchedFile[Any]]:
