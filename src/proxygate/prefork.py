@@ -210,7 +210,9 @@ class Supervisor:
         ):
             self.all_ready = True
             url = listening_url(self.settings.proto, self.reserved[0])
-            log.info("listening on %s (%d processes)", url, self.settings.workers)
+            # The same line as one process's, last: whoever waits for it finds the port the same way.
+            log.info("%d serving processes ready", self.settings.workers)
+            log.info("listening on %s", url)
 
     def _reap(self) -> None:
         while self.children:
