@@ -16,8 +16,8 @@ the request, no chunked body (its raw bytes are gone once decoded), no TLS
 the owner cannot be reached, the sibling relays as before.
 
 While the owner has room (fewer than `--spread-above` client connections,
-counted in memory that every process shares, and under half a core in
-use), a sibling moves each new plain connection at once, before reading a
+counted in memory that every process shares, and under a quarter of a core
+in use), a sibling moves each new plain connection at once, before reading a
 byte: the move then overlaps the client sending its request instead of
 following it, so a request on a new connection costs what it would had the
 owner accepted it, and a light load is served by one process. Under load
