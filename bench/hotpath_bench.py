@@ -205,7 +205,7 @@ async def connect_once(requests: int) -> float:
     origin = FakeOrigin()
 
     async def fake_connect(loop: Any, factory: Callable[[], Any], ip: Any, sockaddr: Any) -> tuple[Any, Any]:
-        return await origin.open(str(ip), sockaddr[1], factory)
+        return await origin.open(sockaddr[0], sockaddr[1], factory)  # as dial._connect does
 
     dial._connect = fake_connect  # type: ignore[assignment]
     loop = asyncio.get_running_loop()
