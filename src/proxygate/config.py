@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn
 
+from .cpus import usable_cpus
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -70,9 +72,9 @@ def parse_non_negative_int(text: str) -> int:
 
 
 def parse_workers(text: str) -> int:
-    """A process count; `auto` is one per CPU this process may run on."""
+    """A process count; `auto` is one per CPU this process may use (`cpus.py`)."""
     if text.strip().lower() == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
+        return usable_cpus()
     value = parse_positive_int(text)
     if value > 256:
         raise ValueError(f"at most 256 processes, got {value}")
@@ -281,7 +283,8 @@ GATEWAY_FLAGS: tuple[Flag, ...] = (
         "workers",
         "auto",
         parse_workers,
-        "processes serving the listener (SO_REUSEPORT); auto: one per CPU this process may use."
+        "processes serving the listener (SO_REUSEPORT); auto: one per CPU this process may use"
+        " (its affinity, capped by a cgroup CPU quota)."
         " Rate limits and /metrics cover them all",
     ),
     Flag(
