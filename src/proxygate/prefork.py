@@ -17,6 +17,7 @@ keeps its own upstream pool.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import shutil
@@ -114,8 +115,10 @@ class Supervisor:
         self.crashes: list[float] = []
         self.exit_code = 0
 
-    def run(self) -> int:
+    def run(self, runtime_folder: str) -> int:
+        """Serve with `settings.workers` processes sharing `runtime_folder`."""
         settings = self.settings
+        self.metrics_dir = runtime_folder
         host, port = settings.listen
         try:
             self.reserved = open_listeners(host, port, reuse_port=True, listen=False)
@@ -123,7 +126,6 @@ class Supervisor:
             log.error("cannot listen on %s:%d: %s", host, port, exc)
             return 1
         self.port = self.reserved[0].getsockname()[1]
-        self.metrics_dir = tempfile.mkdtemp(prefix="proxygate-metrics-")
         # Memory limits are made here, in shared memory, so that every process
         # forked below uses one table; Redis limits are made per process.
         self.limiter = build_limiter(settings, processes=settings.workers) if settings.limiter == "memory" else None
@@ -140,7 +142,6 @@ class Supervisor:
                 sock.close()
             os.close(self.ready_r)
             os.close(self.ready_w)
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     # ---- the children --------------------------------------------------------
 
@@ -274,4 +275,19 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def run_supervised(settings: GatewaySettings) -> int:
-    return Supervisor(settings).run()
+    """Several serving processes; one, with a warning, where the folder they share cannot be made
+    (a read-only file system with no writable temporary folder, say)."""
+    try:
+        folder = tempfile.mkdtemp(prefix="proxygate-metrics-")
+    except OSError as exc:
+        log.warning(
+            "cannot make a runtime folder for %d serving processes (%s); serving with one", settings.workers, exc
+        )
+        from .runloop import run
+        from .server import serve
+
+        return run(lambda: serve(dataclasses.replace(settings, workers=1)))
+    try:
+        return Supervisor(settings).run(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

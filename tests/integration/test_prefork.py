@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -124,6 +125,26 @@ def test_a_process_that_cannot_start_stops_them_all(tmp_path: Path) -> None:
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1, out.stderr
     assert "while starting; stopping" in out.stderr
+
+
+def test_no_writable_temporary_folder_serves_with_one_process(start_gateway, origin: Origin, tmp_path: Path) -> None:
+    """The processes share a folder for their sockets and metrics; on a read-only file system
+    with no writable temporary folder the default (one process per CPU) serves with one."""
+    patch = tmp_path / "site"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(
+        "import tempfile\n\n"
+        "def _refuse(*args, **kwargs):\n"
+        "    raise OSError(30, 'Read-only file system')\n\n"
+        "tempfile.mkdtemp = _refuse\n"
+    )
+    path = os.pathsep.join(filter(None, [str(patch), os.environ.get("PYTHONPATH", "")]))
+    gw = start_gateway("--workers", "2", env={"PYTHONPATH": path})
+    gw.wait_log("cannot make a runtime folder for 2 serving processes .*Read-only file system.*; serving with one")
+    responses = [fresh_get(gw, f"{origin.url}/hello") for _ in range(10)]
+    assert [r.status_code for r in responses] == [200] * 10
+    assert len({process_of(r) for r in responses}) == 1
+    assert not children(gw)
 
 
 def test_tls_listener_in_every_process(
