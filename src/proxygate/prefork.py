@@ -274,11 +274,29 @@ def _exit_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+# A unix socket's path has at most 107 bytes; the folder's own sockets add up to 15.
+_FOLDER_PATH_MAX = 90
+
+
+def _runtime_folder() -> str:
+    """A new private folder for the processes' sockets and metrics: in the temporary
+    folder, or in /tmp where that one's path is too long for a socket's."""
+    folder = tempfile.mkdtemp(prefix="proxygate-metrics-")
+    if len(os.fsencode(folder)) <= _FOLDER_PATH_MAX:
+        return folder
+    os.rmdir(folder)
+    folder = tempfile.mkdtemp(prefix="proxygate-", dir="/tmp")
+    if len(os.fsencode(folder)) > _FOLDER_PATH_MAX:
+        os.rmdir(folder)
+        raise OSError(f"no temporary folder with a path short enough for unix sockets ({folder})")
+    return folder
+
+
 def run_supervised(settings: GatewaySettings) -> int:
     """Several serving processes; one, with a warning, where the folder they share cannot be made
     (a read-only file system with no writable temporary folder, say)."""
     try:
-        folder = tempfile.mkdtemp(prefix="proxygate-metrics-")
+        folder = _runtime_folder()
     except OSError as exc:
         log.warning(
             "cannot make a runtime folder for %d serving processes (%s); serving with one", settings.workers, exc

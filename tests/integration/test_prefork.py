@@ -147,6 +147,17 @@ def test_no_writable_temporary_folder_serves_with_one_process(start_gateway, ori
     assert not children(gw)
 
 
+def test_a_temporary_folder_too_deep_for_unix_sockets_is_not_used(
+    start_gateway, origin: Origin, tmp_path: Path
+) -> None:
+    deep = tmp_path / ("d" * 100)  # a socket's path holds at most 107 bytes
+    deep.mkdir()
+    gw = start_gateway("--workers", "2", *SPREAD, env={"TMPDIR": str(deep)})
+    responses = [fresh_get(gw, f"{origin.url}/hello") for _ in range(20)]
+    assert [r.status_code for r in responses] == [200] * 20
+    assert len(children(gw)) == 2 and len({process_of(r) for r in responses}) == 2
+
+
 def test_tls_listener_in_every_process(
     start_gateway, server_cert_files: tuple[str, str], ca_file: str, origin: Origin
 ) -> None:
