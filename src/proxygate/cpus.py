@@ -18,7 +18,8 @@ OWN_CGROUPS = Path("/proc/self/cgroup")
 
 
 def usable_cpus(cgroup_root: Path = CGROUP_ROOT, own_cgroups: Path = OWN_CGROUPS) -> int:
-    count = len(os.sched_getaffinity(0))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every CPU counts
+    count = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
     quota = cpu_quota(cgroup_root, own_cgroups)
     if quota is not None:
         count = min(count, max(1, math.ceil(quota)))
