@@ -89,7 +89,13 @@ class FakeTransport:
         if not self.closed:
             self.closed = True
             if self.protocol is not None:
-                asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+                asyncio.get_running_loop().call_soon(self._lost)
+
+    def _lost(self) -> None:
+        # As uvloop's transports do: the protocol is forgotten once it is told.
+        protocol, self.protocol = self.protocol, None
+        if protocol is not None:
+            protocol.connection_lost(None)
 
     def abort(self) -> None:
         self.aborted = True

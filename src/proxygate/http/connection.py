@@ -35,6 +35,8 @@ log = logging.getLogger("proxygate.http")
 MAX_PIPELINED = 32
 # Request headers the connection itself acts on (lower-case); the rest only pass through.
 _NOTED_HEADERS = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect", b"x-request-id"})
+# What a finished connection holds instead of its parser: one with no callbacks, shared.
+_SPENT_PARSER = httptools.HttpRequestParser(object())
 
 
 class Application(Protocol):
@@ -161,6 +163,10 @@ class ClientConnection(asyncio.Protocol):
             # Nobody is left to read the answer: stop the handler (it cancels
             # its upstream work in turn).
             self._serving.cancel()
+        # The parser holds this connection (its callbacks are our methods): with it
+        # dropped, what is left of the connection is freed by reference counts,
+        # not by the cyclic garbage collector, which would walk all of it first.
+        self.parser = _SPENT_PARSER
         self.app.connection_closed(self)
 
     def _end(self, err: Exception) -> None:

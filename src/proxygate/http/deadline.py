@@ -46,8 +46,14 @@ class Deadline:
         self.kind = NONE
 
     def cancel(self) -> None:
-        """No deadline and no loop timer: the connection is gone."""
+        """No deadline and no loop timer: the connection is gone.
+
+        The callback goes too: it is a method of the object that holds this
+        deadline, and the cycle between them would leave both, and all they
+        hold, to the cyclic garbage collector instead of reference counts.
+        """
         self.kind = NONE
+        self.on_expiry = _gone
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -63,3 +69,7 @@ class Deadline:
             return
         self.kind = NONE
         self.on_expiry(kind)
+
+
+def _gone(kind: int) -> None:
+    """A cancelled deadline's callback: nothing is left to call."""

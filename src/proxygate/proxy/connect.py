@@ -10,7 +10,7 @@ from ..http.message import Request
 from ..observability.metrics import GatewayMetrics
 from ..policy.blocklist import BlocklistFile
 from .dial import Dialer
-from .tunnel import Tunnel
+from .tunnel import Tunnel, UpstreamSide
 
 _AUTHORITY = re.compile(r"(?:\[([0-9A-Fa-f:.%\w]+)\]|([^:\[\]/@\s]+)):(\d{1,5})")
 
@@ -76,7 +76,9 @@ class ConnectHandler:
     async def open(self, req: Request, ex: Exchange, host: str, port: int) -> Tunnel:
         """Dial host:port, answer 200, and start relaying; the caller awaits `tunnel.done`."""
         tunnel = Tunnel(ex.conn, self.idle_timeout)
-        await self.dialer.open(host, port, lambda: tunnel.upstream_side, ex.conn.loop)
+        # A new side per dial attempt, held by its transport only (the tunnel holding it
+        # too would be a cycle, left to the garbage collector).
+        await self.dialer.open(host, port, lambda: UpstreamSide(tunnel), ex.conn.loop)
         ex.start_raw(
             200,
             b"HTTP/1.1 200 Connection established\r\nX-Request-ID: %s\r\n%s\r\n"

@@ -25,7 +25,6 @@ class Tunnel:
         self.client = client
         self.idle_timeout = idle_timeout
         self.upstream: asyncio.Transport | None = None
-        self.upstream_side = UpstreamSide(self)
         self.bytes_up = 0  # client → upstream
         self.bytes_down = 0  # upstream → client
         self.done: asyncio.Future[str] = client.loop.create_future()
