@@ -90,8 +90,8 @@ class Gateway:
         self.inference = parts.inference
         self.lifecycle = parts.lifecycle
         self.connections: set[ClientConnection] = set()
-        # With --workers N the owner publishes how many connections it has;
-        # a sibling reads it to move new connections while the owner has none.
+        # With --workers N the owner publishes how many connections it has and how
+        # busy it is; a sibling reads it to pass connections while the owner has room.
         self._publish_load = parts.owner_load if parts.handoff is None else None
         self._owner_load = parts.owner_load if parts.handoff is not None else None
         if self._publish_load is not None:
@@ -100,8 +100,8 @@ class Gateway:
         self._shed_above = self.settings.spread_above if self._publish_load is not None else 0
         self._next_shed = 0.0
         self._busy_meter: BusyMeter | None = None
-        # A sibling passes kept-alive proxy connections to the owner while the
-        # owner holds fewer than this many (`_gather`); 0: never.
+        # A sibling passes connections to the owner while the owner holds fewer
+        # than this many (`moved_at_accept`, `_gather`); 0: never.
         self._gather_below = self.settings.spread_above if self._owner_load is not None else 0
         self._all_closed: asyncio.Event | None = None
 
@@ -276,9 +276,9 @@ class Gateway:
         box, with the clients and origins) for the cores: the tail is worse
         than one process's at the same load (bench/RESULTS.md). So such a load
         gathers in one process; when it outgrows it, the owner lets
-        connections go (`_sheds`). Decided at a connection's second request,
-        not at accept: by then a burst of new connections (a load generator
-        opening all of them at once) has been counted by the owner.
+        connections go (`_sheds`). This is for the connections that stayed
+        where they were accepted (the owner had no room at accept, a stricter
+        test: `moved_at_accept`), at their second request.
         """
         load = self._owner_load
         assert load is not None
