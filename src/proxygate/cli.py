@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 
@@ -25,9 +26,12 @@ def gateway_main(argv: Sequence[str]) -> int:
     setup_logging(settings.log_format, settings.debug)
     capture_stray_output(settings.log_format)
     if settings.workers > 1:
-        from .prefork import run_supervised
+        from .prefork import run_supervised, runtime_folder
 
-        return run_supervised(settings)
+        folder = runtime_folder(settings)
+        if folder is not None:
+            return run_supervised(settings, folder)
+        settings = dataclasses.replace(settings, workers=1)
     return run(lambda: serve(settings))
 
 

@@ -17,7 +17,6 @@ keeps its own upstream pool.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import logging
 import os
 import shutil
@@ -292,19 +291,21 @@ def _runtime_folder() -> str:
     return folder
 
 
-def run_supervised(settings: GatewaySettings) -> int:
-    """Several serving processes; one, with a warning, where the folder they share cannot be made
-    (a read-only file system with no writable temporary folder, say)."""
+def runtime_folder(settings: GatewaySettings) -> str | None:
+    """The folder several serving processes share, made now; None, with a warning, where it
+    cannot be made (a read-only file system with no writable temporary folder, say): the
+    caller then serves with one process."""
     try:
-        folder = _runtime_folder()
+        return _runtime_folder()
     except OSError as exc:
         log.warning(
             "cannot make a runtime folder for %d serving processes (%s); serving with one", settings.workers, exc
         )
-        from .runloop import run
-        from .server import serve
+        return None
 
-        return run(lambda: serve(dataclasses.replace(settings, workers=1)))
+
+def run_supervised(settings: GatewaySettings, folder: str) -> int:
+    """Serve with `settings.workers` processes sharing `folder` (`runtime_folder`), removed at the end."""
     try:
         return Supervisor(settings).run(folder)
     finally:
