@@ -45,6 +45,7 @@ from .proxy.connect import ConnectHandler, parse_authority
 from .proxy.dial import Dialer
 from .proxy.forward import ForwardProxy, Target
 from .proxy.upstream import UpstreamPool
+from .steering import ConnectionSteering
 from .watched_file import WatchedFile
 
 
@@ -72,6 +73,7 @@ class Parts:
     relay: InferenceRelay | None = None  # the other processes (`--workers N`)
     handoff: HandoffSender | None = None
     owner_load: OwnerLoad | None = None  # `--workers N`: the owner's open connections, shared
+    steering: ConnectionSteering | None = None  # the owner's: where the kernel sends new connections
 
 
 class Gateway:
@@ -100,6 +102,10 @@ class Gateway:
         self._shed_above = self.settings.spread_above if self._publish_load is not None else 0
         self._next_shed = 0.0
         self._busy_meter: BusyMeter | None = None
+        # The owner, while it has room and its connections come and go, has the kernel
+        # give it every new connection (`_steer`).
+        self._steering = parts.steering if self._shed_above else None
+        self._accepted = 0  # connections opened here since the busy meter's last tick
         # A sibling passes connections to the owner while the owner holds fewer
         # than this many (`moved_at_accept`, `_gather`); 0: never.
         self._gather_below = self.settings.spread_above if self._owner_load is not None else 0
@@ -117,7 +123,7 @@ class Gateway:
         if self._shed_above and self._publish_load is not None:
             # After the start's own work, which is not load: measured, it would keep
             # new connections from moving here for the first few tenths of a second.
-            self._busy_meter = BusyMeter(asyncio.get_running_loop(), self._publish_load.publish_busy)
+            self._busy_meter = BusyMeter(asyncio.get_running_loop(), self._busy_measured)
             self._busy_meter.start()
         self.lifecycle.ready = True
 
@@ -139,6 +145,7 @@ class Gateway:
     def connection_opened(self, conn: ClientConnection) -> None:
         self.track(conn)
         self.connection_stats.open_connections += 1
+        self._accepted += 1
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.untrack(conn)
@@ -149,6 +156,8 @@ class Gateway:
         self.connections.add(conn)
         if self._publish_load is not None:
             self._publish_load.publish(len(self.connections))
+            if self._steering is not None and len(self.connections) >= self._shed_above:
+                self._steering.steer_to_first(False)  # at once: a burst must not all queue here
 
     def untrack(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
@@ -156,6 +165,30 @@ class Gateway:
             self._publish_load.publish(len(self.connections))
         if self._all_closed is not None and not self.connections:
             self._all_closed.set()
+
+    def _busy_measured(self, share: float) -> None:
+        """The owner's busy meter ticked: publish the share, and steer new connections by it.
+
+        While the owner has room (`OwnerLoad.keeps_new_connections`) and its
+        connections come and go (more opened since the last tick than twice
+        those it holds: a new connection per request or so), the kernel gives
+        it every new connection (`steering.py`): such a load is one process's
+        without a move per connection, and the other process never wakes for
+        it. Not for a burst of kept-alive connections from idle (a load
+        generator opening 64 at once): the kernel would queue them all here
+        before the owner could say stop, so those are spread and moved at
+        accept as before. Off at once when the owner holds `--spread-above`
+        connections (`track`); decided again each tick.
+        """
+        load = self._publish_load
+        assert load is not None
+        load.publish_busy(share)
+        steering = self._steering
+        if steering is None:
+            return
+        held, accepted, self._accepted = len(self.connections), self._accepted, 0
+        churning = accepted > 2 * held
+        steering.steer_to_first(churning and load.keeps_new_connections(steering.to_first, held, self._shed_above))
 
     def moved_at_accept(self, conn: ClientConnection) -> bool:
         """A sibling passes a new connection to the owner while it has room at accept

@@ -1,9 +1,8 @@
 """The gateway's listening sockets, opened by hand so that several processes can share a port.
 
-With `reuse_port` every process binds its own socket to the same address
-(SO_REUSEPORT) and the kernel spreads new connections over them; a process
-that only reserves the port binds without listening, which takes no
-connections.
+With `reuse_port` each process has its own socket bound to the same
+address (SO_REUSEPORT), and the kernel spreads new connections over them
+(or steers them: `steering.py`).
 """
 
 from __future__ import annotations
@@ -26,8 +25,8 @@ def listener_addresses(host: str, port: int) -> list[Address]:
     return out
 
 
-def open_listeners(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> list[socket.socket]:
-    """Bound (and, unless `listen` is false, listening) sockets for host:port.
+def open_listeners(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
+    """Listening sockets for host:port, one per address family.
 
     With port 0 the first socket picks the port and the others take the same one.
     """
@@ -45,8 +44,7 @@ def open_listeners(host: str, port: int, *, reuse_port: bool = False, listen: bo
             if port == 0 and len(socks) > 1:
                 addr = (addr[0], socks[0].getsockname()[1], *addr[2:])
             sock.bind(addr)
-            if listen:
-                sock.listen(BACKLOG)
+            sock.listen(BACKLOG)
             sock.setblocking(False)
     except OSError:
         for sock in socks:

@@ -1,8 +1,9 @@
 """Several processes serving one listener (`--workers N`), and the supervisor that keeps them running.
 
 One Python process tops out at one core; this is how the gateway uses more.
-The supervisor reserves the port, forks N processes that each listen on it
-with SO_REUSEPORT (the kernel spreads new connections over them), and then
+The supervisor opens a listening socket per process on one port with
+SO_REUSEPORT (the kernel spreads new connections over them, unless process
+0 steers them to itself: `steering.py`), forks the N processes, and then
 only relays signals and replaces a process that dies. What must be one
 across processes is made so before the fork: the memory rate limiter's
 buckets live in shared memory, and /metrics merges every process's
@@ -33,6 +34,7 @@ from .inference.handoff import OwnerLoad
 from .listeners import listening_url, open_listeners
 from .observability.metrics_exchange import MetricsExchange
 from .policy.ratelimit import RateLimiter, build_limiter
+from .steering import ConnectionSteering
 
 log = logging.getLogger("proxygate.prefork")
 
@@ -90,6 +92,7 @@ def serve_child(settings: GatewaySettings, ctx: ChildContext) -> int:
             limiter=ctx.limiter,
             inference_relay="" if owner else ctx.inference_socket,
             owner_load=ctx.owner_load,
+            steering=ConnectionSteering(ctx.listeners) if owner else None,
         )
         return await serve(
             settings,
@@ -120,11 +123,11 @@ class Supervisor:
         self.metrics_dir = runtime_folder
         host, port = settings.listen
         try:
-            self.reserved = open_listeners(host, port, reuse_port=True, listen=False)
+            self.listener_sets = _listener_sets(host, port, settings.workers)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", host, port, exc)
             return 1
-        self.port = self.reserved[0].getsockname()[1]
+        self.url = listening_url(settings.proto, self.listener_sets[0][0])
         # Memory limits are made here, in shared memory, so that every process
         # forked below uses one table; Redis limits are made per process.
         self.limiter = build_limiter(settings, processes=settings.workers) if settings.limiter == "memory" else None
@@ -137,8 +140,7 @@ class Supervisor:
                 self._spawn(index)
             return self._supervise()
         finally:
-            for sock in self.reserved:
-                sock.close()
+            self._close_listeners()
             os.close(self.ready_r)
             os.close(self.ready_w)
 
@@ -155,12 +157,14 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
             _exit_with_parent(parent)
             os.close(self.ready_r)
-            for sock in self.reserved:
-                sock.close()
-            host, _ = self.settings.listen
+            own = self.listener_sets[index]
+            for socks in self.listener_sets:
+                if socks is not own:
+                    for sock in socks:
+                        sock.close()
             ctx = ChildContext(
                 index=index,
-                listeners=open_listeners(host, self.port, reuse_port=True),
+                listeners=own,
                 limiter=self.limiter,
                 exchange=MetricsExchange(self.metrics_dir, index, OBSERVED_GAUGES),
                 ready=lambda _port: _write_index(self.ready_w, index),
@@ -209,10 +213,9 @@ class Supervisor:
             and all(c.ready for c in self.children.values())
         ):
             self.all_ready = True
-            url = listening_url(self.settings.proto, self.reserved[0])
             # The same line as one process's, last: whoever waits for it finds the port the same way.
             log.info("%d serving processes ready", self.settings.workers)
-            log.info("listening on %s", url)
+            log.info("listening on %s", self.url)
 
     def _reap(self) -> None:
         while self.children:
@@ -244,11 +247,23 @@ class Supervisor:
                 self._stop()
                 continue
             log.warning("serving process %d (pid %d) exited with %d; starting another", child.index, pid, code)
+            if child.index == 0:
+                # It may have steered every new connection to itself: until its successor
+                # decides again, the kernel spreads them (those given to it wait for it).
+                ConnectionSteering(self.listener_sets[0]).release()
             self._spawn(child.index)
 
     def _stop(self) -> None:
         self.stopping = True
+        # The processes stop accepting as they drain; with the supervisor's copies
+        # closed too, new connections are refused instead of queued for nobody.
+        self._close_listeners()
         self._signal_all(signal.SIGTERM)
+
+    def _close_listeners(self) -> None:
+        for socks in self.listener_sets:
+            for sock in socks:
+                sock.close()
 
     def _signal_all(self, sig: int) -> None:
         for pid in list(self.children):
@@ -256,6 +271,28 @@ class Supervisor:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+
+
+def _listener_sets(host: str, port: int, processes: int) -> list[list[socket.socket]]:
+    """Each process's listening sockets, opened here in process order and kept open.
+
+    The order makes process 0's sockets the first of their SO_REUSEPORT group,
+    which is what steering new connections to it names (`steering.py`);
+    keeping them open here keeps that order when a process is replaced (its
+    successor inherits its sockets), and connections the kernel gave a
+    process that died wait for its successor instead of being reset.
+    """
+    sets = [open_listeners(host, port, reuse_port=True)]
+    try:
+        port = sets[0][0].getsockname()[1]
+        for _ in range(processes - 1):
+            sets.append(open_listeners(host, port, reuse_port=True))
+    except OSError:
+        for socks in sets:
+            for sock in socks:
+                sock.close()
+        raise
+    return sets
 
 
 def _write_index(fd: int, index: int) -> None:

@@ -37,6 +37,7 @@ from .proxy.dial import Dialer
 from .proxy.forward import Forwarder, ForwardProxy
 from .proxy.upstream import UpstreamPool
 from .status import StatusBoard
+from .steering import ConnectionSteering
 
 
 def build_gateway(
@@ -47,9 +48,11 @@ def build_gateway(
     limiter: RateLimiter | None = None,
     inference_relay: str = "",
     owner_load: OwnerLoad | None = None,
+    steering: ConnectionSteering | None = None,
 ) -> Gateway:
     """One process's gateway; `inference_relay` is the owner's socket when another process owns the plane,
-    `owner_load` the owner's connection count shared by every process (`--workers N`)."""
+    `owner_load` the owner's connection count shared by every process (`--workers N`), `steering`
+    the owner's say in where the kernel sends new connections."""
     metrics = metrics or GatewayMetrics()
     writes = WriteBatch()  # one per process: small writes of a loop pass go out together
     blocklist = BlocklistFile(settings.blocklist)
@@ -80,6 +83,7 @@ def build_gateway(
         connect=ConnectHandler(blocklist, dialer, metrics, settings.idle_timeout),
         lifecycle=Lifecycle(),
         owner_load=owner_load,
+        steering=steering,
     )
     if inference_relay:
         # Another process owns the inference plane: connections with inference

@@ -4,8 +4,10 @@ The kernel spreads connections over both processes; the one that does not
 own the inference plane passes the socket itself to the owner (with the
 bytes it already read) instead of relaying every token; while the owner
 holds fewer than `--spread-above` connections (and is not busy), it moves
-new connections at once, before reading them. Each test sends enough connections that both processes take
-some, and reads `inference_handoffs_total` to see which way they went.
+new connections at once, before reading them, and a load of short
+connections the kernel gives to the owner directly (`steering.py`). Each
+test sends enough connections that both processes take some, and reads
+`inference_handoffs_total` to see which way they went.
 Plain proxy connections gather in the owner at their second request while
 it holds fewer than `--spread-above` (`proxy_connections_gathered_total`).
 """
@@ -88,15 +90,44 @@ def test_an_owner_with_room_takes_new_connections_at_accept(start_gateway) -> No
     process moves each new one before reading it, from the first connection after start (it
     connects to the owner before it serves).
 
+    The connections stay open, as a browser's or a pool's do: a load of
+    short connections is steered by the kernel instead (the next test).
     Only /healthz is asked here, which never moves a connection for its
     request: every connection counted as moved moved at accept.
     """
     gw = start_gateway("--workers", "2")
-    answered = [_served_by(gw.port) for _ in range(40)]
+    held = [socket.create_connection(("127.0.0.1", gw.port), timeout=10) for _ in range(20)]
+    try:
+        answered = []
+        for s in held:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+            status, headers, _ = RawResponses(s).next()
+            assert status == 200
+            answered.append(headers["x-request-id"][:10])
+        with _keep_owner_busy(gw.port) as owner_connection:
+            owner = _owner_prefix(owner_connection)
+    finally:
+        for s in held:
+            s.close()
+    assert answered == [owner] * 20
+    assert metric(gw, "inference_handoffs_total", result="moved") > 0, "the kernel gave the other process none"
+
+
+def test_a_load_of_short_connections_is_steered_to_the_owner(start_gateway) -> None:
+    """A new connection per request, the owner not busy: once its busy meter has seen such a
+    load (it ticks every 0.1 s), the owner has the kernel give it every new connection
+    (`steering.py`), so none reaches the other process, and none moves."""
+    gw = start_gateway("--workers", "2")
     with _keep_owner_busy(gw.port) as owner_connection:
         owner = _owner_prefix(owner_connection)
-    assert answered == [owner] * 40
-    assert metric(gw, "inference_handoffs_total", result="moved") > 0, "the kernel gave the other process none"
+
+    def steered() -> bool:
+        moved = metric(gw, "inference_handoffs_total", result="moved")
+        answered = [_served_by(gw.port) for _ in range(20)]
+        assert answered == [owner] * 20, "moved at accept, or steered: the owner answers either way"
+        return metric(gw, "inference_handoffs_total", result="moved") == moved
+
+    wait_for(steered, "20 new connections in a row that the other process never saw")
 
 
 def test_an_owner_without_room_is_left_alone(start_gateway) -> None:

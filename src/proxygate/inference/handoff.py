@@ -71,6 +71,7 @@ class OwnerLoad:
     def __init__(self, processes: int) -> None:
         self._slots = memoryview(mmap.mmap(-1, 8 * (_PASSED + processes))).cast("q")  # shared across fork
         self._passed = slice(_PASSED, _PASSED + processes)
+        self.processes = processes
         self.index = 0  # the process this copy belongs to, set in each one after the fork
 
     @property
@@ -100,6 +101,18 @@ class OwnerLoad:
         (`--spread-above`): below that many connections, or while it uses less
         than half a core."""
         return self.connections < spread_above or self.busy < GATHER_WHILE_BUSY_BELOW
+
+    def keeps_new_connections(self, steered: bool, connections: int, spread_above: int) -> bool:
+        """The owner, holding `connections`: whether the kernel should give it every new
+        connection (`steering.py`). Fewer than `--spread-above`, and under 80 % of a core
+        in use; once it was more, under 80 % shared by every process (40 % for two). While
+        the kernel spreads, the owner gets its share of the load: without that margin it
+        would look free again at once, and the load would swing between one process and all.
+        """
+        if connections >= spread_above:
+            return False
+        below = STEER_WHILE_BUSY_BELOW if steered else STEER_WHILE_BUSY_BELOW / self.processes
+        return self.busy < below
 
     def overloaded(self, connections: int, spread_above: int) -> bool:
         """The owner, holding `connections`: saturated with more than it gathers,
@@ -137,6 +150,7 @@ _OPEN, _ADOPTED, _BUSY, _PASSED = 0, 1, 2, 3  # OwnerLoad's slots; per-process o
 GATHER_WHILE_BUSY_BELOW = 0.5
 SHED_WHILE_BUSY_ABOVE = 0.85
 MOVE_AT_ACCEPT_WHILE_BUSY_BELOW = 0.25
+STEER_WHILE_BUSY_BELOW = 0.8
 _CONNECT_RETRY = 0.01  # while the owner starts: it listens for handoffs before it says it is ready
 
 
