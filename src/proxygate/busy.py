@@ -31,6 +31,7 @@ class BusyMeter:
         self.cpu_clock = cpu_clock  # this thread's CPU seconds
         self.wall_clock = wall_clock
         self.share = 0.0
+        self.last = 0.0  # the last interval's share alone
         self._cpu = cpu_clock()
         self._at = wall_clock()
         self._timer: asyncio.TimerHandle | None = None
@@ -43,7 +44,8 @@ class BusyMeter:
         if at > self._at:
             # Half the last interval, half what came before: a burst shows within
             # two intervals, and one quiet interval does not undo a saturated second.
-            self.share = 0.5 * self.share + 0.5 * min(1.0, (cpu - self._cpu) / (at - self._at))
+            self.last = min(1.0, (cpu - self._cpu) / (at - self._at))
+            self.share = 0.5 * self.share + 0.5 * self.last
             self.publish(self.share)
         self._cpu, self._at = cpu, at
         self._timer = self.loop.call_later(self.interval, self._tick)

@@ -187,8 +187,14 @@ class Gateway:
         if steering is None:
             return
         held, accepted, self._accepted = len(self.connections), self._accepted, 0
+        # The last interval alone as well as the smoothed share: a load that saturates
+        # the owner from idle spreads after one tick, not three.
+        assert self._busy_meter is not None
+        busy = max(share, self._busy_meter.last)
         churning = accepted > 2 * held
-        steering.steer_to_first(churning and load.keeps_new_connections(steering.to_first, held, self._shed_above))
+        steering.steer_to_first(
+            churning and load.keeps_new_connections(steering.to_first, held, self._shed_above, busy)
+        )
 
     def moved_at_accept(self, conn: ClientConnection) -> bool:
         """A sibling passes a new connection to the owner while it has room at accept

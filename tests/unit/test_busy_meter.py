@@ -44,6 +44,25 @@ def test_the_share_follows_the_cpu_time_smoothed_over_two_intervals() -> None:
     assert shares == pytest.approx([0.5, 0.75, 0.875, 0.4375, 0.21875, 0.259375])
 
 
+def test_the_last_interval_is_kept_alone_too() -> None:
+    """Steering reacts to it: a load that saturates the owner from idle reads 1.0 after one tick."""
+
+    async def main() -> list[float]:
+        clocks = Clocks()
+        meter = BusyMeter(
+            asyncio.get_running_loop(), lambda _: None, cpu_clock=lambda: clocks.cpu, wall_clock=lambda: clocks.wall
+        )
+        lasts = []
+        for busy in (1.0, 0.2):
+            clocks.run(0.1, busy)
+            meter._tick()
+            lasts.append(meter.last)
+        meter.stop()
+        return lasts
+
+    assert asyncio.run(main()) == pytest.approx([1.0, 0.2])
+
+
 def test_a_share_never_exceeds_one_core() -> None:
     # A process's threads together could; the loop's thread cannot, but clocks skew.
     assert _published([(0.1, 3.0)]) == [0.5]

@@ -222,12 +222,9 @@ def test_a_saturated_owner_ends_one_connection_at_a_time(tmp_path) -> None:
 
 def test_the_owner_keeps_new_connections_below_spread_above_and_with_a_margin_once_spread() -> None:
     load = OwnerLoad(2)
-    load.publish_busy(0.5)
-    assert load.keeps_new_connections(True, 10, 32), "steered, it keeps them until 80 % of a core"
-    assert not load.keeps_new_connections(False, 10, 32), "spread, it takes them back only below 40 % (80 % / 2)"
-    load.publish_busy(0.35)
-    assert load.keeps_new_connections(False, 10, 32)
-    assert not load.keeps_new_connections(True, 32, 32), "never at --spread-above connections"
-    load.publish_busy(0.85)
-    assert not load.keeps_new_connections(True, 10, 32)
-    assert not OwnerLoad(2).keeps_new_connections(True, 0, 0), "--spread-above 0: the kernel's spread"
+    assert load.keeps_new_connections(True, 10, 32, 0.5), "steered, it keeps them until 80 % of a core"
+    assert not load.keeps_new_connections(False, 10, 32, 0.5), "spread, it takes them back only below 40 % (80 % / 2)"
+    assert load.keeps_new_connections(False, 10, 32, 0.35)
+    assert not load.keeps_new_connections(True, 32, 32, 0.0), "never at --spread-above connections"
+    assert not load.keeps_new_connections(True, 10, 32, 0.85)
+    assert not OwnerLoad(2).keeps_new_connections(True, 0, 0, 0.0), "--spread-above 0: the kernel's spread"

@@ -102,17 +102,17 @@ class OwnerLoad:
         than half a core."""
         return self.connections < spread_above or self.busy < GATHER_WHILE_BUSY_BELOW
 
-    def keeps_new_connections(self, steered: bool, connections: int, spread_above: int) -> bool:
-        """The owner, holding `connections`: whether the kernel should give it every new
-        connection (`steering.py`). Fewer than `--spread-above`, and under 80 % of a core
-        in use; once it was more, under 80 % shared by every process (40 % for two). While
-        the kernel spreads, the owner gets its share of the load: without that margin it
-        would look free again at once, and the load would swing between one process and all.
+    def keeps_new_connections(self, steered: bool, connections: int, spread_above: int, busy: float) -> bool:
+        """The owner, holding `connections` and using `busy` of a core: whether the kernel
+        should give it every new connection (`steering.py`). Fewer than `--spread-above`,
+        and under 80 % of a core in use; once it was more, under 80 % shared by every
+        process (40 % for two). While the kernel spreads, the owner gets its share of the
+        load: without that margin it would look free again at once, and the load would
+        swing between one process and all.
         """
         if connections >= spread_above:
             return False
-        below = STEER_WHILE_BUSY_BELOW if steered else STEER_WHILE_BUSY_BELOW / self.processes
-        return self.busy < below
+        return busy < (STEER_WHILE_BUSY_BELOW if steered else STEER_WHILE_BUSY_BELOW / self.processes)
 
     def overloaded(self, connections: int, spread_above: int) -> bool:
         """The owner, holding `connections`: saturated with more than it gathers,
