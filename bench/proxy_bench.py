@@ -412,11 +412,11 @@ def cpu_seconds(pid: int) -> float:
 def new_connections(proxies: list[Proxy], origin_port: int, args: argparse.Namespace, work: Path) -> str:
     """New connections only, `args.new_connections` rounds round-robin over every proxy started at once:
     CONNECT setups/s (uvloop client), hey through CONNECT to a TLS origin, hey absolute-form
-    with a new connection per request, and each proxy's CPU per CONNECT setup."""
+    with a new connection per request, and each proxy's CPU per CONNECT setup and per hey request."""
     tls_proc, tls_port = start_tls_origin(work)
     small = f"http://127.0.0.1:{origin_port}/small"
     secure = f"https://127.0.0.1:{tls_port}/small"
-    keys = ("connect", "cpu_us", "hey_tls", "hey_http")
+    keys = ("connect", "cpu_us", "hey_tls", "cpu_tls", "hey_http", "cpu_http")
     runs: dict[str, dict[str, list[float]]] = {p.name: {k: [] for k in keys} for p in proxies}
     for proxy in proxies:
         proxy.start(work)
@@ -430,17 +430,21 @@ def new_connections(proxies: list[Proxy], origin_port: int, args: argparse.Names
                 cpu = cpu_seconds(proxy.proc.pid) - cpu0
                 r["connect"].append(rate)
                 r["cpu_us"].append(cpu / (rate * (time.monotonic() - t0)) * 1e6)
-                r["hey_tls"].append(hey(secure, proxy.port, args.duration))
-                r["hey_http"].append(hey(small, proxy.port, args.duration))
+                for url, rate_key, cpu_key in ((secure, "hey_tls", "cpu_tls"), (small, "hey_http", "cpu_http")):
+                    cpu0, t0 = cpu_seconds(proxy.proc.pid), time.monotonic()
+                    rate = hey(url, proxy.port, args.duration)
+                    cpu = cpu_seconds(proxy.proc.pid) - cpu0
+                    r[rate_key].append(rate)
+                    r[cpu_key].append(cpu / (rate * (time.monotonic() - t0)) * 1e6)
     finally:
         for proxy in proxies:
             proxy.stop()
         tls_proc.send_signal(signal.SIGTERM)
         tls_proc.wait(10)
     lines = [
-        "| target | CONNECT/s (uvloop client) | CPU µs per CONNECT | hey https via CONNECT req/s "
-        "| hey http, new conn per req req/s |",
-        "|---|---|---|---|---|",
+        "| target | CONNECT/s (uvloop client) | CPU µs per CONNECT | hey https via CONNECT req/s | CPU µs each "
+        "| hey http, new conn per req req/s | CPU µs each |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in runs.items():
         cells = [f"{statistics.median(r[k]):.0f} ({', '.join(f'{v:.0f}' for v in r[k])})" for k in keys]

@@ -22,7 +22,8 @@ byte: the move then overlaps the client sending its request instead of
 following it, so a request on a new connection costs what it would had the
 owner accepted it, and a light load is served by one process. Under load
 nothing moves this way, and the kernel's spread of connections over the
-processes holds.
+processes holds. (A load of short connections never reaches a sibling
+while the owner has room: the kernel gives them to the owner, `steering.py`.)
 
 Wire format, per connection: a 4-byte big-endian length, then that many
 bytes; the socket travels as ancillary data with the frame's first byte.
@@ -146,7 +147,8 @@ _OPEN, _ADOPTED, _BUSY, _PASSED = 0, 1, 2, 3  # OwnerLoad's slots; per-process o
 # connections while it uses less than half a core, and it lets connections go
 # while it uses more than 85 % (on a box it shares, a saturated process gets
 # about 90 % of a core). New connections move at accept only while it uses
-# less than a quarter. Measured by `busy.py`.
+# less than a quarter; short ones the kernel gives it (`steering.py`) while it
+# uses less than 80 %. Measured by `busy.py`.
 GATHER_WHILE_BUSY_BELOW = 0.5
 SHED_WHILE_BUSY_ABOVE = 0.85
 MOVE_AT_ACCEPT_WHILE_BUSY_BELOW = 0.25
