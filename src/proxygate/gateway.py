@@ -106,6 +106,7 @@ class Gateway:
         # give it every new connection (`_steer`).
         self._steering = parts.steering if self._shed_above else None
         self._accepted = 0  # connections opened here since the busy meter's last tick
+        self._churned = False  # at the tick before: more opened than twice those held
         # A sibling passes connections to the owner while the owner holds fewer
         # than this many (`moved_at_accept`, `_gather`); 0: never.
         self._gather_below = self.settings.spread_above if self._owner_load is not None else 0
@@ -177,8 +178,9 @@ class Gateway:
         it. Not for a burst of kept-alive connections from idle (a load
         generator opening 64 at once): the kernel would queue them all here
         before the owner could say stop, so those are spread and moved at
-        accept as before. Off at once when the owner holds `--spread-above`
-        connections (`track`); decided again each tick.
+        accept as before. On at the second such tick in a row, off at the
+        first that is not, and at once when the owner holds `--spread-above`
+        connections (`track`).
         """
         load = self._publish_load
         assert load is not None
@@ -192,9 +194,11 @@ class Gateway:
         assert self._busy_meter is not None
         busy = max(share, self._busy_meter.last)
         churning = accepted > 2 * held
-        steering.steer_to_first(
-            churning and load.keeps_new_connections(steering.to_first, held, self._shed_above, busy)
-        )
+        # On after two such ticks in a row: a load that starts in the middle of an
+        # interval reads as light at the first, even one that will saturate the owner.
+        steady = churning and (steering.to_first or self._churned)
+        self._churned = churning
+        steering.steer_to_first(steady and load.keeps_new_connections(steering.to_first, held, self._shed_above, busy))
 
     def moved_at_accept(self, conn: ClientConnection) -> bool:
         """A sibling passes a new connection to the owner while it has room at accept
