@@ -154,7 +154,10 @@ class Supervisor:
             return
         code = 1
         try:
-            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            # Stop and reload stay blocked until the process has its handlers (`serve`
+            # unblocks them): relayed to a process still starting, their default
+            # action would end it.
+            signal.pthread_sigmask(signal.SIG_SETMASK, _SIGNALS - {signal.SIGCHLD})
             _exit_with_parent(parent)
             os.close(self.ready_r)
             own = self.listener_sets[index]

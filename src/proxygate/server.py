@@ -33,6 +33,8 @@ from .wiring import build_gateway
 log = logging.getLogger("proxygate.server")
 
 WATCH_INTERVAL = 1.0
+# Stop (drain) and reload; a serving process is forked with them blocked (`prefork.py`).
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 FLUSH_INTERVAL = 0.25
 # How long a process that does not own the inference plane waits, at start, for
 # the one that does to take handoffs (it starts them before it reports ready).
@@ -167,6 +169,14 @@ async def serve(
         log.error("cannot listen on %s:%d: %s", host, port, exc)
         return 1
     gateway.metrics.answer_refreshes(loop)
+    # Handlers before anyone learns that we listen: whoever waits for "listening on"
+    # (or the supervisor, for the processes' readiness) may signal at once, and
+    # SIGHUP's or SIGTERM's default action would end the process.
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload_files)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # held until now in a forked process
     bound = socks[0].getsockname()
     gateway.bound(bound[1])
     if on_listening is not None:
@@ -181,10 +191,6 @@ async def serve(
         )
 
     _quiet_gc()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, gateway.reload_files)
     housekeeping = loop.create_task(_housekeeping(gateway))
     try:
         await stop.wait()
@@ -200,7 +206,7 @@ async def serve(
         if aborted:
             log.warning("shutdown timeout: closed %d connections still in flight", aborted)
         housekeeping.cancel()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in HANDLED_SIGNALS:
             loop.remove_signal_handler(sig)
         log.info("stopped")
         gateway.metrics.publish()

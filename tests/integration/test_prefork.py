@@ -127,6 +127,37 @@ def test_a_process_that_cannot_start_stops_them_all(tmp_path: Path) -> None:
     assert "while starting; stopping" in out.stderr
 
 
+def test_a_reload_signal_while_the_processes_start_is_held_for_them(tmp_path: Path) -> None:
+    """SIGHUP (and SIGTERM) reach a serving process that may not have its handlers yet: the
+    supervisor relays them as they come. Held until the process has them, it reloads;
+    delivered before, SIGHUP's default action ended the process (and, while starting, the
+    gateway)."""
+    log_path, blocklist = tmp_path / "gateway.log", tmp_path / "blocklist.json"
+    blocklist.write_text('{"blocked_domains": []}')
+    argv = [sys.executable, "-m", "proxygate", "gateway", "--listen", "127.0.0.1:0", "--workers", "2"]
+    argv += ["--blocklist", str(blocklist)]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        children_file = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        forked: set[int] = set()
+        deadline = time.monotonic() + 30
+        while len(forked) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            forked = {int(p) for p in children_file.read_text().split()}
+        assert len(forked) == 2, log_path.read_text()
+        for pid in forked:  # each still starting: importing, building its gateway
+            os.kill(pid, signal.SIGHUP)
+        wait_for(lambda: "listening on" in log_path.read_text() or proc.poll() is not None, "listening on")
+        assert proc.poll() is None, log_path.read_text()
+        text = log_path.read_text()
+        assert "exited with" not in text
+        # The held signal ran the reload once the process could (process 0 logs it).
+        wait_for(lambda: "blocklist reloaded" in log_path.read_text(), "the held reload")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log_path.read_text()
+
+
 def test_no_writable_temporary_folder_serves_with_one_process(start_gateway, origin: Origin, tmp_path: Path) -> None:
     """The processes share a folder for their sockets and metrics; on a read-only file system
     with no writable temporary folder the default (one process per CPU) serves with one."""
