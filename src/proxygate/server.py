@@ -136,6 +136,15 @@ async def serve(
             log.error("%s (-limiter redis needs a reachable Redis at start)", exc)
             return 1
     loop = asyncio.get_running_loop()
+    # Handlers once the files are loaded (SIGHUP reloads them), and before anyone learns
+    # that we listen: whoever waits for "listening on" (or the supervisor, for the
+    # processes' readiness) may signal at once, and SIGHUP's or SIGTERM's default action
+    # would end the process. A stop asked for while starting is honoured once started.
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload_files)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # held until now in a forked process
     ssl_ctx = None
     if settings.proto == "https":
         try:
@@ -169,14 +178,6 @@ async def serve(
         log.error("cannot listen on %s:%d: %s", host, port, exc)
         return 1
     gateway.metrics.answer_refreshes(loop)
-    # Handlers before anyone learns that we listen: whoever waits for "listening on"
-    # (or the supervisor, for the processes' readiness) may signal at once, and
-    # SIGHUP's or SIGTERM's default action would end the process.
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, gateway.reload_files)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # held until now in a forked process
     bound = socks[0].getsockname()
     gateway.bound(bound[1])
     if on_listening is not None:
