@@ -16,8 +16,9 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
+from typing import Any
 
 from .config import GatewaySettings
 from .gateway import Gateway
@@ -95,6 +96,22 @@ async def _adopt(gateway: Gateway, sock: socket.socket, preface: bytes) -> None:
             gateway.parts.owner_load.adopted()
 
 
+async def _unless_stopped(work: Coroutine[Any, Any, bool], stop: asyncio.Event) -> bool:
+    """What `work` returns, or False once `stop` is set first (and `work` cancelled)."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+    return task.result()
+
+
 async def serve(
     settings: GatewaySettings,
     gateway: Gateway | None = None,
@@ -154,8 +171,12 @@ async def serve(
             return 1
     host, port = settings.listen
     handoffs: HandoffReceiver | None = None
-    if gateway.parts.handoff is not None and not await gateway.parts.handoff.connect(within=OWNER_START_WAIT):
-        log.warning("the inference plane's owner is not reachable yet; connections move once it is")
+    if gateway.parts.handoff is not None:
+        reached = await _unless_stopped(gateway.parts.handoff.connect(within=OWNER_START_WAIT), stop)
+        if stop.is_set():
+            return 0  # stopped while starting (process 0 could not start, say): nothing to drain
+        if not reached:
+            log.warning("the inference plane's owner is not reachable yet; connections move once it is")
     try:
         socks = listeners if listeners is not None else open_listeners(host, port)
         servers = [
