@@ -15,7 +15,9 @@ Prints the median CPU microseconds per request over the runs (and each
 run). With `--clients N`, N connections each keep one request in flight.
 With `--connect`, each request is a new client connection that opens a
 CONNECT tunnel, gets its 200 and closes (the tunnel's upstream closes in
-turn): the Python cost of a tunnel's life, without the socket calls.
+turn): the Python cost of a tunnel's life, without the socket calls;
+`--relay N` adds N exchanges through each tunnel (a small message up, a
+response down: about what a TLS handshake and one request make).
 With `--new-connections`, each request comes on a new client connection
 (`Connection: close`, as `hey -disable-keepalive` sends it), the upstream
 connection pooled. With `--instructions`, each measure is instead the
@@ -213,8 +215,10 @@ async def serially(gateway: Gateway, requests: int, open_one: Callable[[], None]
     return (time.process_time() - started) / requests * 1e6
 
 
-async def connect_once(requests: int) -> float:
-    """CPU per CONNECT tunnel: new client connection, CONNECT, 200, client EOF, origin EOF, both closed."""
+async def connect_once(requests: int, relay: int = 0) -> float:
+    """CPU per CONNECT tunnel: new client connection, CONNECT, 200, `relay` exchanges through
+    the tunnel (a message up, one down: a TLS handshake is about two), client EOF, origin EOF,
+    both closed."""
     # The real dialer (address parsing, destination policy, dial timeout) with the socket part faked.
     origin = FakeOrigin()
 
@@ -227,11 +231,18 @@ async def connect_once(requests: int) -> float:
     with bench_gateway(dataclasses.replace(bench_settings(), deny_destinations=())) as gateway:
 
         def tunnel() -> None:
+            left = [relay]
+
             def received(data: bytes) -> None:
-                # The 200: the client is done, it half-closes (as the bench's client closes).
-                if not data.startswith(b"HTTP/1.1 200 "):
+                # The 200, then each answer through the tunnel: the next message, or, when
+                # the client is done, its half-close (as the bench's client closes).
+                if left[0] == relay and not data.startswith(b"HTTP/1.1 200 "):
                     raise SystemExit(f"the tunnel was refused: {data[:80]!r}")
-                loop.call_soon(transport.protocol.eof_received)
+                if left[0] == 0:
+                    loop.call_soon(transport.protocol.eof_received)
+                    return
+                left[0] -= 1
+                loop.call_soon(transport.protocol.data_received, REQUEST)  # the origin answers RESPONSE
 
             conn, transport = open_client(gateway, received)
             conn.data_received(connect)
@@ -357,6 +368,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--connect", action="store_true", help="CONNECT tunnels, a new connection each")
+    parser.add_argument("--relay", type=int, default=0, help="with --connect: exchanges through each tunnel")
     parser.add_argument("--new-connections", action="store_true", help="a new client connection per request")
     parser.add_argument(
         "--instructions", action="store_true", help="count instructions per request with callgrind instead of CPU time"
@@ -417,7 +429,7 @@ def main() -> None:
 
 def one_run(args: argparse.Namespace, requests: int) -> Coroutine[Any, Any, float]:
     if args.connect:
-        return connect_once(requests)
+        return connect_once(requests, args.relay)
     if args.new_connections:
         return new_connection_once(requests)
     return run_once(requests, args.clients)
@@ -433,7 +445,13 @@ def instructions_per_request(args: argparse.Namespace) -> float:
     """
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         raise SystemExit("--instructions needs valgrind: apt-get install -y valgrind")
-    mode = ["--connect"] if args.connect else ["--new-connections"] if args.new_connections else []
+    mode = (
+        ["--connect", "--relay", str(args.relay)]
+        if args.connect
+        else ["--new-connections"]
+        if args.new_connections
+        else []
+    )
     counts = []
     for n in (args.requests, 2 * args.requests):
         cmd = [
