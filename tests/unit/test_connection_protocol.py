@@ -345,14 +345,17 @@ def test_a_client_that_leaves_cancels_its_handler() -> None:
 class FakeOrigin:
     """Opens fake upstream connections; each one's requests and the responses fed to it are the test's."""
 
-    def __init__(self) -> None:
+    def __init__(self, greeting: bytes = b"") -> None:
         self.opened: list[tuple[FakeTransport, UpstreamConnection]] = []
+        self.greeting = greeting  # what each connection says first, on the loop's next pass
 
     async def open(self, host: str, port: int, factory, loop=None):  # type: ignore[no-untyped-def]
         upstream = factory()
         transport = FakeTransport()
         transport.protocol = upstream
         upstream.connection_made(transport)
+        if self.greeting:
+            asyncio.get_running_loop().call_soon(upstream.data_received, self.greeting)
         self.opened.append((transport, upstream))
         return transport, upstream
 
@@ -555,6 +558,22 @@ def test_a_tunnel_relays_both_ways_half_closes_and_logs_the_bytes_it_carried() -
         assert t.closed and app.done == [("CONNECT", b"o.test:443", 200)]
         assert (exchanges[0].bytes_in, exchanges[0].bytes_out) == (len(b"hello") + 18, len(b"world!"))
         assert app.open == 0 and not conn.busy
+
+    run(test)
+
+
+def test_what_the_origin_says_first_follows_the_200() -> None:
+    """An origin that speaks first (SMTP, SSH) may send before the loop pass that wrote the
+    200 has ended; the tunnel writes upstream bytes at once, so the 200 must be out first."""
+
+    async def test(clock: VirtualClock) -> None:
+        origin = FakeOrigin(greeting=b"220 ready\r\n")
+        app, _ = tunnel_app(origin)
+        conn, t = connect(app)
+        conn.data_received(b"CONNECT o.test:25 HTTP/1.1\r\nHost: o.test:25\r\n\r\n")
+        await settle()
+        head, _, rest = t.take().partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 Connection established") and rest == b"220 ready\r\n"
 
     run(test)
 

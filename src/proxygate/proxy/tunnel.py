@@ -37,6 +37,10 @@ class Tunnel:
         """The 200 is written: take the client's socket and relay from now on, watching for idleness."""
         side = ClientSide(self)
         tail = self.client.detach(side)
+        # The 200 goes now: from here on what comes from upstream is written to the
+        # client directly (one message per loop pass; holding it for the pass's end
+        # gains nothing), and must follow it.
+        self.client.writes.flush()
         if tail:
             side.data_received(tail)
         if self.idle_timeout > 0:
@@ -73,7 +77,9 @@ class UpstreamSide(asyncio.Protocol):
         tunnel = self.tunnel
         tunnel.bytes_down += len(data)
         tunnel.last_activity = time.monotonic()
-        tunnel.client.write(data)
+        client = tunnel.client.transport
+        if client is not None and not client.is_closing():
+            client.write(data)
 
     def eof_received(self) -> bool:
         tunnel = self.tunnel
