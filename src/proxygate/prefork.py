@@ -161,10 +161,7 @@ class Supervisor:
             _exit_with_parent(parent)
             os.close(self.ready_r)
             own = self.listener_sets[index]
-            for socks in self.listener_sets:
-                if socks is not own:
-                    for sock in socks:
-                        sock.close()
+            _close_sets([socks for socks in self.listener_sets if socks is not own])
             ctx = ChildContext(
                 index=index,
                 listeners=own,
@@ -264,9 +261,7 @@ class Supervisor:
         self._signal_all(signal.SIGTERM)
 
     def _close_listeners(self) -> None:
-        for socks in self.listener_sets:
-            for sock in socks:
-                sock.close()
+        _close_sets(self.listener_sets)
 
     def _signal_all(self, sig: int) -> None:
         for pid in list(self.children):
@@ -291,11 +286,15 @@ def _listener_sets(host: str, port: int, processes: int) -> list[list[socket.soc
         for _ in range(processes - 1):
             sets.append(open_listeners(host, port, reuse_port=True))
     except OSError:
-        for socks in sets:
-            for sock in socks:
-                sock.close()
+        _close_sets(sets)
         raise
     return sets
+
+
+def _close_sets(sets: list[list[socket.socket]]) -> None:
+    for socks in sets:
+        for sock in socks:
+            sock.close()
 
 
 def _write_index(fd: int, index: int) -> None:
