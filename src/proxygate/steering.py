@@ -74,7 +74,7 @@ class ConnectionSteering:
         try:
             self._attach(_BY_HASH)
         except OSError:
-            pass  # never steered: nothing to undo
+            pass  # the socket takes no filter (closed, or no such option): nothing steers through it
         self.to_first = False
 
     def _attach(self, program: _Program) -> None:
