@@ -516,10 +516,11 @@ def test_an_origin_silent_after_the_request_is_a_504_read_timeout_after_that_req
 # ---- CONNECT: the socket leaves HTTP for the tunnel ------------------------------------
 
 
-def tunnel_app(origin: FakeOrigin) -> tuple[App, list[Exchange]]:
+def tunnel_app(origin: FakeOrigin, metrics: GatewayMetrics | None = None) -> tuple[App, list[Exchange]]:
     app = App()
     origin.policy = DestinationPolicy.from_settings(app.settings)  # type: ignore[attr-defined]
-    handler = ConnectHandler(BlocklistFile(""), origin, GatewayMetrics(), idle_timeout=60.0)  # type: ignore[arg-type]
+    metrics = metrics or GatewayMetrics()
+    handler = ConnectHandler(BlocklistFile(""), origin, metrics, idle_timeout=60.0)  # type: ignore[arg-type]
     exchanges: list[Exchange] = []
 
     async def handle(req: Request, ex: Exchange) -> None:
@@ -574,6 +575,36 @@ def test_what_the_origin_says_first_follows_the_200() -> None:
         await settle()
         head, _, rest = t.take().partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 Connection established") and rest == b"220 ready\r\n"
+
+    run(test)
+
+
+def test_a_tunnel_closes_after_the_idle_timeout_counted_from_its_last_bytes() -> None:
+    async def test(clock: VirtualClock) -> None:
+        origin = FakeOrigin()
+        metrics = GatewayMetrics()
+        app, _ = tunnel_app(origin, metrics)  # idle timeout 60 s
+        conn, t = connect(app)
+        conn.data_received(b"CONNECT o.test:443 HTTP/1.1\r\nHost: o.test:443\r\n\r\n")
+        await settle()
+        opened = clock.now
+        up_t, up = origin.opened[0]
+        await asyncio.sleep(40)
+        up.data_received(b"still here")  # bytes one way move the deadline: 60 s from now
+        last = clock.now
+        await asyncio.sleep(55)
+        assert not t.closed and not up_t.closed, "closed before 60 s without bytes"
+        assert t.take().endswith(b"still here")
+        for _ in range(20):
+            if t.closed:
+                break
+            await asyncio.sleep(1)
+        assert t.closed and up_t.closed
+        assert 60.0 <= clock.now - last <= 61.0 and clock.now - opened > 60.0
+        await settle()
+        tunnels = metrics.connection_stats.tunnels
+        assert tunnels.get("idle_timeout") == 1 and not tunnels.get("closed")
+        assert app.done == [("CONNECT", b"o.test:443", 200)] and app.open == 0
 
     run(test)
 

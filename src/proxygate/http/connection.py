@@ -529,17 +529,18 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- the end of HTTP on this socket (CONNECT) ---------------------------------
 
-    def detach(self, protocol: asyncio.BaseProtocol) -> bytes:
+    def detach(self, protocol: asyncio.BaseProtocol, on_deadline: Callable[[int], None]) -> bytes:
         """Give the transport to `protocol`; the bytes that followed the request head are returned.
 
         From now on the transport calls `protocol`, which must pass
         `connection_lost` on to this connection (the bookkeeping of a closed
         client). The exchange stays open until its handler returns, so
-        shutdown still waits for the tunnel.
+        shutdown still waits for the tunnel. The connection's `deadline` is
+        the new owner's: what it arms calls `on_deadline`.
         """
         assert self.transport is not None
         self.detached = True
-        self.deadline.cancel()
+        self.deadline.pass_to(on_deadline)
         self.transport.set_protocol(protocol)
         tail, self._upgrade_tail = self._upgrade_tail, b""
         self._resume_reading()  # data arrives in a later loop pass: the caller forwards `tail` first

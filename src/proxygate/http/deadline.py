@@ -45,6 +45,12 @@ class Deadline:
         """No deadline (the loop's timer, if any, finds nothing to do when it fires)."""
         self.kind = NONE
 
+    def pass_to(self, on_expiry: Callable[[int], None]) -> None:
+        """No deadline, and a new owner: what is armed from now on calls `on_expiry`.
+        The loop's timer stays, so a later deadline of the new owner costs no new one."""
+        self.kind = NONE
+        self.on_expiry = on_expiry
+
     def cancel(self) -> None:
         """No deadline and no loop timer: the connection is gone.
 

@@ -11,8 +11,9 @@ other, and a tunnel with no bytes either way for the idle timeout is closed.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING
+
+from ..http.deadline import IDLE
 
 if TYPE_CHECKING:
     from ..http.connection import ClientConnection
@@ -30,13 +31,15 @@ class Tunnel:
         self.done: asyncio.Future[str] = client.loop.create_future()
         self.client_eof = False
         self.upstream_eof = False
-        self.last_activity = time.monotonic()
-        self._timer: asyncio.TimerHandle | None = None
+        self.now = client.loop.time  # the loop's clock: read once per pass, no system call
+        self.last_activity = self.now()
 
     def start(self) -> None:
         """The 200 is written: take the client's socket and relay from now on, watching for idleness."""
         side = ClientSide(self)
-        tail = self.client.detach(side)
+        # The connection's deadline comes with its socket: the idle timeout runs on the
+        # loop timer it already has (its read timeout's, sooner than ours), not a new one.
+        tail = self.client.detach(side, self._idle_deadline)
         # The 200 goes now: from here on what comes from upstream is written to the
         # client directly (one message per loop pass; holding it for the pass's end
         # gains nothing), and must follow it.
@@ -44,20 +47,20 @@ class Tunnel:
         if tail:
             side.data_received(tail)
         if self.idle_timeout > 0:
-            self._timer = self.client.loop.call_later(self.idle_timeout, self._check_idle)
+            self.client.deadline.arm(self.idle_timeout, IDLE)
 
-    def _check_idle(self) -> None:
-        idle = time.monotonic() - self.last_activity
+    def _idle_deadline(self, kind: int) -> None:
+        """Bytes moving only note the time; when the deadline passes, it is moved on by the time they moved."""
+        idle = self.now() - self.last_activity
         if idle >= self.idle_timeout:
             self.finish("idle timeout")
         else:
-            self._timer = self.client.loop.call_later(self.idle_timeout - idle, self._check_idle)
+            self.client.deadline.arm(self.idle_timeout - idle, IDLE)
 
     def finish(self, why: str) -> None:
         if self.done.done():
             return
-        if self._timer is not None:
-            self._timer.cancel()
+        self.client.deadline.cancel()
         if self.upstream is not None:
             self.upstream.close()
         self.client.close()
@@ -76,7 +79,7 @@ class UpstreamSide(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         tunnel = self.tunnel
         tunnel.bytes_down += len(data)
-        tunnel.last_activity = time.monotonic()
+        tunnel.last_activity = tunnel.now()
         client = tunnel.client.transport
         if client is not None and not client.is_closing():
             client.write(data)
@@ -111,7 +114,7 @@ class ClientSide(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         tunnel = self.tunnel
         tunnel.bytes_up += len(data)
-        tunnel.last_activity = time.monotonic()
+        tunnel.last_activity = tunnel.now()
         if tunnel.upstream is not None:
             tunnel.upstream.write(data)
 
