@@ -147,6 +147,10 @@ class Gateway:
         self.track(conn)
         self.connection_stats.open_connections += 1
         self._accepted += 1
+        if self.lifecycle.shutting_down:
+            # Taken from the accept queue at the stop, or handed over by a sibling
+            # meanwhile: the request it has sent is answered, and then it closes.
+            conn.shutdown()
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.untrack(conn)
@@ -213,7 +217,13 @@ class Gateway:
         TLS connections stay: their session cannot move.
         """
         load, handoff, transport = self._owner_load, self.parts.handoff, conn.transport
-        if load is None or handoff is None or transport is None or not load.room_at_accept(self._gather_below):
+        if (
+            load is None
+            or handoff is None
+            or transport is None
+            or self.lifecycle.shutting_down  # the owner is draining too
+            or not load.room_at_accept(self._gather_below)
+        ):
             return False
         sock = transport.get_extra_info("socket")
         if sock is None or transport.get_extra_info("sslcontext") is not None or not handoff.send_now(sock.fileno()):
@@ -412,14 +422,20 @@ class Gateway:
 
     # ---- shutdown --------------------------------------------------------------
 
+    def begin_shutdown(self) -> None:
+        """Stopping: /readyz says so, no new inference work, and every connection opened
+        from now on (taken from the accept queue, handed over by a sibling) answers the
+        request it has sent and closes."""
+        self.lifecycle.shutting_down = True
+        if self.inference is not None:
+            self.inference.accepting = False
+
     async def drain_connections(self, timeout: float) -> int:
         """Ask every connection to finish; abort what is left after `timeout`.
 
         Returns how many had to be aborted.
         """
-        self.lifecycle.shutting_down = True
-        if self.inference is not None:
-            self.inference.accepting = False
+        self.begin_shutdown()
         self._all_closed = asyncio.Event()
         if self._busy_meter is not None:
             self._busy_meter.stop()

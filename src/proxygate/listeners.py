@@ -53,6 +53,25 @@ def open_listeners(host: str, port: int, *, reuse_port: bool = False) -> list[so
     return socks
 
 
+def take_queued(socks: list[socket.socket]) -> list[socket.socket]:
+    """The connections the kernel has completed on `socks` and nobody has accepted yet.
+
+    Closing a listener resets every connection still in its accept queue:
+    taken just before, they can be answered instead (a stop under load
+    finds many there, their requests already sent).
+    """
+    taken: list[socket.socket] = []
+    for listener in socks:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # BlockingIOError: the queue is empty
+                break
+            conn.setblocking(False)
+            taken.append(conn)
+    return taken
+
+
 def listening_url(proto: str, sock: socket.socket) -> str:
     """`http://127.0.0.1:8080`, `http://[::1]:8080`: what the log says we listen on."""
     host, port = sock.getsockname()[:2]

@@ -25,7 +25,7 @@ from .gateway import Gateway
 from .http.connection import ClientConnection
 from .inference.handoff import HandoffReceiver, handoff_path
 from .inference.routes import RoutesError
-from .listeners import BACKLOG, listening_url, open_listeners
+from .listeners import BACKLOG, listening_url, open_listeners, take_queued
 from .policy.blocklist import BlocklistError
 from .policy.keys import KeysError
 from .policy.ratelimit import LimiterUnavailable, MemoryLimiter, RedisLimiter
@@ -94,6 +94,27 @@ async def _adopt(gateway: Gateway, sock: socket.socket, preface: bytes) -> None:
         # Counted once the connection counts among ours (or is gone): no longer on its way.
         if gateway.parts.owner_load is not None:
             gateway.parts.owner_load.adopted()
+
+
+async def _answer_queued(
+    gateway: Gateway, queued: list[socket.socket], ssl_ctx: ssl.SSLContext | None, within: float
+) -> None:
+    """Serve the connections taken from the accept queue at a stop (`take_queued`), as a
+    draining gateway serves: their requests answered, then closed. Opened all at once (a
+    TLS one after its handshake), for at most `within` seconds."""
+    loop = asyncio.get_running_loop()
+
+    async def adopt(sock: socket.socket) -> None:
+        try:
+            await loop.connect_accepted_socket(lambda: ClientConnection(gateway, loop=loop), sock, ssl=ssl_ctx)
+        except (OSError, asyncio.TimeoutError):  # the client left, or its TLS handshake failed
+            sock.close()
+
+    if not queued:
+        return
+    _, late = await asyncio.wait([loop.create_task(adopt(sock)) for sock in queued], timeout=within)
+    for task in late:
+        task.cancel()
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, bool], stop: asyncio.Event) -> bool:
@@ -220,11 +241,15 @@ async def serve(
         log.info(
             "shutting down: draining %d connections (up to %gs)", len(gateway.connections), settings.shutdown_timeout
         )
+        gateway.begin_shutdown()
+        queued = take_queued(socks)
         for server in servers:
             server.close()
         if handoffs is not None:
             handoffs.close()
-        aborted = await gateway.drain_connections(settings.shutdown_timeout)
+        started = loop.time()
+        await _answer_queued(gateway, queued, ssl_ctx, settings.shutdown_timeout)
+        aborted = await gateway.drain_connections(settings.shutdown_timeout - (loop.time() - started))
         if aborted:
             log.warning("shutdown timeout: closed %d connections still in flight", aborted)
         housekeeping.cancel()

@@ -12,7 +12,7 @@ from pathlib import Path
 import requests
 
 from tests.conftest import require_binary
-from tests.support.gateway import BackgroundGet, GatewayProcess, RawResponses
+from tests.support.gateway import BackgroundGet, GatewayProcess, RawResponses, stop_with_requests_queued
 from tests.support.origin import Origin
 from tests.support.waiting import wait_for
 
@@ -143,6 +143,15 @@ def test_graceful_shutdown_finishes_slow_download(start_gateway, origin: Origin)
     assert idle.recv(10) == b""
     result = download.join()
     assert result.get("status") == 200 and result.get("chunks") == 10, result
+    assert gw.proc.wait(20) == 0
+
+
+def test_requests_waiting_in_the_accept_queue_at_a_stop_are_answered(start_gateway) -> None:
+    """Closing the listener would reset every connection the kernel completed and the
+    process had not accepted yet; a stop under load finds many so."""
+    gw = start_gateway("--workers", "1")
+    results = stop_with_requests_queued(gw, [gw.proc.pid], 40)
+    assert results == [200] * 40
     assert gw.proc.wait(20) == 0
 
 

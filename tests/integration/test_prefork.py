@@ -14,7 +14,7 @@ from pathlib import Path
 import requests
 
 from tests.conftest import require_binary
-from tests.support.gateway import BackgroundGet, GatewayProcess
+from tests.support.gateway import BackgroundGet, GatewayProcess, stop_with_requests_queued
 from tests.support.origin import Origin
 from tests.support.waiting import metric, wait_for
 from tests.support.worker import WorkerProcess
@@ -93,6 +93,15 @@ def test_sigterm_drains_every_process(start_gateway, origin: Origin) -> None:
     assert result.get("chunks") == 10, result
     assert gw.proc.wait(20) == 0
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+def test_requests_waiting_in_every_accept_queue_at_a_stop_are_answered(start_gateway) -> None:
+    """Each process takes what waits for it before its listener closes; connections one passed
+    to process 0 are adopted by it, not dropped with the stream that carried them."""
+    gw = start_gateway("--workers", "2", *SPREAD)
+    results = stop_with_requests_queued(gw, [gw.proc.pid, *children(gw)], 40)
+    assert results == [200] * 40
+    assert gw.proc.wait(20) == 0
 
 
 def test_a_killed_process_is_replaced(start_gateway, origin: Origin) -> None:

@@ -95,6 +95,34 @@ class GatewayProcess:
         assert self.proc.poll() is None, f"gateway died:\n{self.log()[-3000:]}"
 
 
+def stop_with_requests_queued(gw: GatewayProcess, pids: list[int], clients: int) -> list[int | str]:
+    """Stop the gateway while `clients` connections, each with its request sent, wait in
+    the kernel's accept queue: every process in `pids` is suspended (SIGSTOP) while they
+    connect, then the gateway gets SIGTERM and they all resume. Each client's status, or
+    the error it got instead."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(clients):
+            sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+            socks.append(sock)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+    finally:
+        gw.signal(signal.SIGTERM)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    results: list[int | str] = []
+    for sock in socks:
+        with sock:
+            try:
+                status, _, _ = RawResponses(sock).next()
+                results.append(status)
+            except OSError as exc:
+                results.append(type(exc).__name__)
+    return results
+
+
 def _status_field(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import selectors
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
@@ -70,6 +71,7 @@ class FakeTransport:
         self.eof_written = False
         self.reading = True
         self.protocol: asyncio.BaseProtocol | None = None  # a client connection, or an upstream one
+        self.sock: socket.socket | None = None  # what get_extra_info("socket") gives, if a test sets one
 
     def write(self, data: bytes) -> None:
         assert not self.eof_written, "write after write_eof"
@@ -108,7 +110,7 @@ class FakeTransport:
         self.reading = True
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 40000)}.get(name, default)
+        return {"peername": ("127.0.0.1", 40000), "socket": self.sock}.get(name, default)
 
     def get_write_buffer_size(self) -> int:
         return 0

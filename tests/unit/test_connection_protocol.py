@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import io
+import socket
 
 from proxygate.config import GatewaySettings
 from proxygate.http.connection import MAX_PIPELINED, ClientConnection
@@ -312,6 +313,45 @@ def test_shutdown_closes_idle_connections_now_and_busy_ones_after_their_request(
         assert (status, body) == (200, b"done") and headers[b"connection"] == b"close" and t_busy.closed
         await settle()
         assert app.open == 0
+
+    run(test)
+
+
+def test_a_request_sent_but_not_read_when_shutdown_comes_is_answered() -> None:
+    """A stop under load finds connections whose request waits in the socket, unread
+    (just accepted, or taken from the accept queue): not idle, they are answered."""
+
+    async def test(clock: VirtualClock) -> None:
+        app = App()
+        fresh, t = connect(app)
+        ours, client = socket.socketpair()
+        with ours, client:
+            t.sock = ours
+            client.sendall(GET % b"/late")  # in the socket; the loop has not delivered it yet
+            fresh.shutdown()
+            assert not t.closed
+            fresh.data_received(ours.recv(1024))
+            await settle()
+        ((status, headers, body),) = responses(t.take())
+        assert (status, body) == (200, b"ok /late") and headers[b"connection"] == b"close" and t.closed
+
+    run(test)
+
+
+def test_a_handed_over_connection_arriving_while_the_gateway_drains_is_answered() -> None:
+    """A connection a sibling process passed with its request read (the preface) reaches a
+    draining gateway: the request is answered, then the connection closes."""
+
+    async def test(clock: VirtualClock) -> None:
+        gateway = build_gateway(GatewaySettings(), access_log=AccessLog("json", stream=io.StringIO()))
+        gateway.lifecycle.shutting_down = True
+        conn = ClientConnection(gateway, preface=GET % b"/healthz")  # type: ignore[arg-type]
+        t = FakeTransport()
+        t.protocol = conn
+        conn.connection_made(t)  # type: ignore[arg-type]
+        await settle()
+        ((status, headers, _),) = responses(t.take())
+        assert status == 200 and headers[b"connection"] == b"close" and t.closed
 
     run(test)
 

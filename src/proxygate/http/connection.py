@@ -12,7 +12,10 @@ transport to the tunnel's protocol (proxy/tunnel.py).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import sys
+import termios
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -567,10 +570,26 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort()
 
     def shutdown(self) -> None:
-        """Graceful stop: idle connections close now, busy ones after their request."""
+        """Graceful stop: idle connections close now, busy ones after their request.
+
+        One whose client has sent bytes not parsed yet (in the socket, or
+        handed over with it) is not idle: its request is read and answered. A
+        stop under load finds many so, just accepted or taken from the accept
+        queue (`take_queued`).
+        """
         self.draining = True
-        if not self.busy and not self._in_head:
+        if not self.busy and not self._in_head and not self._preface and not self._unread():
             self.close()
+
+    def _unread(self) -> bool:
+        """Whether bytes from the client wait in the socket (not called per request: a system call)."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        try:
+            return _unread_bytes(sock.fileno()) > 0
+        except OSError:
+            return False
 
     @property
     def busy(self) -> bool:
@@ -580,6 +599,11 @@ class ClientConnection(asyncio.Protocol):
 
 class _ExpectationFailed(HttpError):
     status = 417
+
+
+def _unread_bytes(fd: int) -> int:
+    """Bytes received on socket `fd` and not read yet (FIONREAD)."""
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
 
 
 def _parser_message(exc: Exception) -> str:

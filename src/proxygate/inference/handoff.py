@@ -312,17 +312,18 @@ class HandoffReceiver:
         self._streams[conn.fileno()] = stream
         asyncio.get_running_loop().add_reader(conn.fileno(), self._readable, stream)
 
-    def _readable(self, stream: _Stream) -> None:
+    def _readable(self, stream: _Stream) -> bool:
+        """Read from a sibling's stream and adopt the sockets it carried; whether it may have more."""
         try:
             data, fds, _, _ = socket.recv_fds(stream.sock, 256 * 1024, 64)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data, fds = b"", []
         stream.fds.extend(fds)
         if not data:
             self._drop(stream)
-            return
+            return False
         stream.buf += data
         while len(stream.buf) >= _LENGTH.size:
             (size,) = _LENGTH.unpack_from(stream.buf)
@@ -331,15 +332,16 @@ class HandoffReceiver:
                     "handoff stream out of step (frame of %d bytes, %d sockets); dropping it", size, len(stream.fds)
                 )
                 self._drop(stream)
-                return
+                return False
             end = _LENGTH.size + size
             if len(stream.buf) < end:
-                return
+                return True
             preface = bytes(stream.buf[_LENGTH.size : end])
             del stream.buf[:end]
             task = asyncio.get_running_loop().create_task(self._adopt(stream.fds.popleft(), preface))
             self._adopting.add(task)
             task.add_done_callback(self._adopting.discard)
+        return True
 
     async def _adopt(self, fd: int, preface: bytes) -> None:
         client = socket.socket(fileno=fd)
@@ -359,7 +361,12 @@ class HandoffReceiver:
     def close(self) -> None:
         loop = asyncio.get_running_loop()
         for stream in list(self._streams.values()):
-            self._drop(stream)
+            # Sockets a sibling has sent and we have not read would close with the
+            # stream, their clients reset: they are adopted (and answered) first.
+            while self._readable(stream):
+                pass
+            if stream.sock.fileno() in self._streams:
+                self._drop(stream)
         if self._listener is not None:
             loop.remove_reader(self._listener.fileno())
             self._listener.close()
