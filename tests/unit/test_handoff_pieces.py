@@ -88,6 +88,47 @@ def test_send_now_passes_a_socket_once_connected(tmp_path) -> None:
     asyncio.run(main())
 
 
+def test_sockets_sent_before_the_receiver_closes_are_still_adopted(tmp_path) -> None:
+    """Process 0 stopping closes its handoff streams; sockets a sibling has already sent on
+    them, not read yet, are adopted (and answered) instead of closed with the stream."""
+
+    async def main() -> None:
+        adopted: list[bytes] = []
+
+        async def adopt(sock: socket.socket, preface: bytes) -> None:
+            adopted.append(preface)
+            sock.close()
+
+        path = str(tmp_path / "handoff.sock")
+        receiver = HandoffReceiver(path, adopt)
+        receiver.start()
+        sender = HandoffSender(path)
+        pairs = [socket.socketpair() for _ in range(4)]
+        try:
+            for _ in range(200):  # connected, and the receiver has taken the stream
+                if sender.send_now(pairs[0][0].fileno()):
+                    break
+                await asyncio.sleep(0.01)
+            for _ in range(200):
+                if adopted:
+                    break
+                await asyncio.sleep(0.01)
+            assert adopted == [b""], "the first socket never arrived"
+            for ours, _ in pairs[1:]:
+                assert sender.send_now(ours.fileno())
+            receiver.close()  # before the loop has read them
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert len(adopted) == 4
+        finally:
+            sender.close()
+            for a, b in pairs:
+                a.close()
+                b.close()
+
+    asyncio.run(main())
+
+
 class _Accepted:
     """What `Gateway.moved_at_accept` uses of a new client connection: its socket, and being let go."""
 
