@@ -1,6 +1,7 @@
 """One client connection: httptools feeds requests in, one task answers them in order.
 
-The protocol object does no I/O of its own beyond the transport it is given:
+The protocol object does no I/O of its own beyond the transport it is given
+(and, at shutdown, a look at how many bytes its socket holds unread):
 `data_received` feeds the parser, parser callbacks build `Request`s into a
 queue, and a single serving task (started when the queue fills, ending when it
 empties) hands each to the application with an `Exchange` (exchange.py) that
