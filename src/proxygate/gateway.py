@@ -148,9 +148,10 @@ class Gateway:
         self.connection_stats.open_connections += 1
         self._accepted += 1
         if self.lifecycle.shutting_down:
-            # Taken from the accept queue at the stop, or handed over by a sibling
-            # meanwhile: the request it has sent is answered, and then it closes.
-            conn.shutdown()
+            # Taken from the accept queue at the stop, handed over by a sibling, or its
+            # TLS handshake ending: its client connected before the stop. Its first
+            # request is answered, and then it closes.
+            conn.shutdown(first_request_owed=True)
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.untrack(conn)

@@ -100,8 +100,9 @@ async def _answer_queued(
     gateway: Gateway, queued: list[socket.socket], ssl_ctx: ssl.SSLContext | None, within: float
 ) -> None:
     """Serve the connections taken from the accept queue at a stop (`take_queued`), as a
-    draining gateway serves: their requests answered, then closed. Opened all at once (a
-    TLS one after its handshake), for at most `within` seconds."""
+    draining gateway serves: their first requests answered (within the read timeout),
+    then closed. Opened all at once (a TLS one after its handshake), for at most `within`
+    seconds."""
     loop = asyncio.get_running_loop()
 
     async def adopt(sock: socket.socket) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -150,6 +153,43 @@ def test_requests_waiting_in_the_accept_queue_at_a_stop_are_answered(start_gatew
     gw = start_gateway("--workers", "1")
     results = stop_with_requests_queued(gw, [gw.proc.pid], 40)
     assert results == [200] * 40
+    assert gw.proc.wait(20) == 0
+
+
+def test_tls_clients_waiting_in_the_accept_queue_at_a_stop_are_answered(
+    start_gateway, server_cert_files: tuple[str, str], ca_file: str
+) -> None:
+    """Over TLS a queued client can send its request only after the handshake, which ends
+    after the stop began (the gateway does it when it takes the connection): its request is
+    waited for and answered."""
+    pem, key = server_cert_files
+    gw = start_gateway("--workers", "1", "-proto", "https", "-pem", pem, "-key", key)
+    ctx = ssl.create_default_context(cafile=ca_file)
+    connected: list[socket.socket] = []
+    results: list[int | str] = []
+
+    def client() -> None:
+        try:
+            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+            connected.append(raw)  # in the accept queue: the gateway is stopped
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+                results.append(RawResponses(tls).next()[0])
+        except OSError as exc:
+            results.append(type(exc).__name__)
+
+    os.kill(gw.proc.pid, signal.SIGSTOP)
+    threads = [threading.Thread(target=client) for _ in range(10)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(connected) == 10, "10 clients connected")
+    finally:
+        gw.signal(signal.SIGTERM)
+        os.kill(gw.proc.pid, signal.SIGCONT)
+    for thread in threads:
+        thread.join(20)
+    assert results == [200] * 10
     assert gw.proc.wait(20) == 0
 
 

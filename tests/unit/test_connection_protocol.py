@@ -356,6 +356,29 @@ def test_a_handed_over_connection_arriving_while_the_gateway_drains_is_answered(
     run(test)
 
 
+def test_a_connection_opened_after_the_stop_began_waits_for_its_first_request() -> None:
+    """Opened while the gateway drains (taken from the accept queue, its TLS handshake
+    ending), its client connected before the stop: the first request is waited for and
+    answered; one that never comes ends at the read timeout."""
+
+    async def test(clock: VirtualClock) -> None:
+        gateway = build_gateway(GatewaySettings(read_timeout=5.0), access_log=AccessLog("json", stream=io.StringIO()))
+        gateway.begin_shutdown()
+        late, t_late = connect(gateway)  # type: ignore[arg-type]
+        silent, t_silent = connect(gateway)  # type: ignore[arg-type]
+        await asyncio.sleep(1)
+        assert not t_late.closed and not t_silent.closed
+        late.data_received(GET % b"/healthz")
+        await settle()
+        ((status, headers, _),) = responses(t_late.take())
+        assert status == 200 and headers[b"connection"] == b"close" and t_late.closed
+        opened = clock.now - 1
+        await gateway.drain_connections(timeout=30)
+        assert t_silent.closed and 5.0 <= clock.now - opened <= 6.0
+
+    run(test)
+
+
 def test_a_client_that_leaves_cancels_its_handler() -> None:
     async def test(clock: VirtualClock) -> None:
         app = App()

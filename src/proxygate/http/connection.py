@@ -68,6 +68,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "app",
         "_preface",
+        "_first_request_owed",
         "settings",
         "writes",
         "loop",
@@ -119,6 +120,7 @@ class ClientConnection(asyncio.Protocol):
         self.pending: deque[Request | ParseFailure] = deque()
         self.closed = False
         self.draining = False  # set at shutdown: finish the current request, then close
+        self._first_request_owed = False  # opened after the stop began (`shutdown`)
         self.detached = False  # the transport belongs to another protocol now (a tunnel)
         self._serving: asyncio.Task[None] | None = None
         self._more: asyncio.Future[None] | None = None  # the idle serving task waits here
@@ -570,16 +572,23 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def shutdown(self) -> None:
+    def shutdown(self, first_request_owed: bool = False) -> None:
         """Graceful stop: idle connections close now, busy ones after their request.
 
         One whose client has sent bytes not parsed yet (in the socket, or
         handed over with it) is not idle: its request is read and answered. A
         stop under load finds many so, just accepted or taken from the accept
-        queue (`take_queued`).
+        queue (`take_queued`). `first_request_owed`: the connection opened
+        after the stop began (taken from the queue, handed over by a sibling,
+        or its TLS handshake ending), so its client connected before the stop;
+        its first request is waited for, within the read timeout, even if none
+        has arrived (over TLS it can come only after the handshake).
         """
         self.draining = True
-        if not self.busy and not self._in_head and not self._preface and not self._unread():
+        self._first_request_owed = self._first_request_owed or first_request_owed
+        if self.busy or self._in_head or self._preface or (self._first_request_owed and not self.served):
+            return
+        if not self._unread():
             self.close()
 
     def _unread(self) -> bool:
