@@ -409,16 +409,16 @@ class Gateway:
                 error=req.error or f"status {status}",
             )
         self.access_log.write(
-            request_id=req.request_id,
-            status=status,
-            method=req.method,
-            host=host,
-            path=path,
-            client_ip=req.peer_ip,
-            duration_ms=(elapsed if elapsed is not None else time.perf_counter() - req.started) * 1000.0,
-            bytes_in=ex.bytes_in if ex.bytes_in is not None else body.received if body is not None else 0,
-            bytes_out=ex.bytes_out,
-            fields=req.log_fields,
+            req.request_id,
+            status,
+            req.method,
+            host,
+            path,
+            req.peer_ip,
+            elapsed if elapsed is not None else time.perf_counter() - req.started,
+            ex.bytes_in if ex.bytes_in is not None else body.received if body is not None else 0,
+            ex.bytes_out,
+            req.log_fields,
         )
 
     # ---- shutdown --------------------------------------------------------------
