@@ -88,3 +88,48 @@ def test_after_a_connect_the_deadline_is_gone(monkeypatch: pytest.MonkeyPatch) -
         await asyncio.sleep(20.0)  # past the deadline: this sleep must end, not be cancelled
 
     run(test)
+
+
+def test_a_name_that_never_resolves_is_a_504_at_the_dial_timeout() -> None:
+    """The deadline covers the whole dial, the name's resolution included."""
+
+    async def never(*args: object, **kwargs: object) -> list[object]:
+        await asyncio.get_running_loop().create_future()
+        raise AssertionError("unreachable")
+
+    async def test(clock: VirtualClock) -> None:
+        policy = DestinationPolicy.from_settings(GatewaySettings(deny_destinations=()), bound_port=8080)
+        started = clock.now
+        with pytest.raises(GatewayTimeout, match="after 10s"):
+            await Dialer(policy, 10.0, getaddrinfo=never).open("slow.test", 443, asyncio.Protocol)
+        assert clock.now - started == pytest.approx(10.0)
+
+    run(test)
+
+
+def test_dials_started_in_a_row_each_time_out_at_their_own_deadline(silent_connect: list[float]) -> None:
+    """One loop timer serves every dial's deadline (`timeout_queue.py`); each still falls due
+    exactly at its own start plus the dial timeout, and one that ended early never fires."""
+
+    async def test(clock: VirtualClock) -> None:
+        dialer = _dialer(10.0)
+        ended: dict[int, float] = {}
+
+        async def dial(i: int) -> None:
+            try:
+                await dialer.open("127.0.0.1", 9, asyncio.Protocol)
+            except GatewayTimeout:
+                ended[i] = clock.now
+
+        first = asyncio.ensure_future(dial(0))
+        await asyncio.sleep(1.0)
+        cancelled = asyncio.ensure_future(dial(1))
+        await asyncio.sleep(1.0)
+        third = asyncio.ensure_future(dial(2))
+        await asyncio.sleep(1.0)
+        cancelled.cancel()
+        await asyncio.gather(first, third, return_exceptions=True)
+        assert ended == {0: pytest.approx(silent_connect[0] + 10.0), 2: pytest.approx(silent_connect[2] + 10.0)}
+        assert cancelled.cancelled()
+
+    run(test)

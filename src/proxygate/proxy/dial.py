@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from ..errors import BadGateway, BadRequest, GatewayTimeout
 from ..memo import MEMO_MAX, remember
 from ..policy.destinations import DestinationPolicy, IPAddress, SockAddr
+from ..timeout_queue import TimeoutQueue
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
@@ -48,6 +49,7 @@ class Dialer:
         self.dial_timeout = dial_timeout
         self._getaddrinfo = getaddrinfo
         self._dns: dict[str, tuple[float, list[tuple[IPAddress, SockAddr]]]] = {}
+        self._queue: TimeoutQueue | None = None  # the dial deadlines (`open`)
 
     async def resolve(self, host: str, port: int) -> list[tuple[IPAddress, SockAddr]]:
         ip = _ip_literal(host)
@@ -78,65 +80,57 @@ class Dialer:
     async def open(
         self, host: str, port: int, factory: Callable[[], P], loop: asyncio.AbstractEventLoop | None = None
     ) -> tuple[asyncio.Transport, P]:
-        """Connect to the first allowed address of host:port within the dial timeout.
+        """Connect to the first allowed address of host:port within the dial timeout
+        (resolving the name included).
 
         `loop`: the running loop, when the caller has it (looking it up is a
-        getpid() system call on 3.11, and a CONNECT dials once per tunnel)."""
+        getpid() system call on 3.11, and a CONNECT dials once per tunnel).
+
+        The deadline cancels the dialling task, as `asyncio.timeout` would,
+        without its two getpid() system calls (on 3.11 it looks up the running
+        loop and the current task) and without a loop timer per dial (every
+        dial's deadline is the same length: `timeout_queue.py`). A
+        cancellation from outside stays a cancellation.
+        """
         loop = loop if loop is not None else asyncio.get_running_loop()
-        deadline = loop.time() + self.dial_timeout if self.dial_timeout else None
+        if not self.dial_timeout:
+            return await self._open(host, port, factory, loop)
+        task = asyncio.current_task(loop)  # given the loop, no lookup
+        assert task is not None
+        cancelling = task.cancelling()
+        timeout = self._deadlines(loop).start(task.cancel)
+        try:
+            return await self._open(host, port, factory, loop)
+        except asyncio.CancelledError:
+            if timeout.expired and task.uncancel() <= cancelling:
+                raise GatewayTimeout(f"timed out connecting to {host}:{port} after {self.dial_timeout:g}s") from None
+            raise
+        finally:
+            timeout.cancel()
+
+    def _deadlines(self, loop: asyncio.AbstractEventLoop) -> TimeoutQueue:
+        queue = self._queue
+        if queue is None or queue.loop is not loop:
+            queue = self._queue = TimeoutQueue(loop, self.dial_timeout)
+        return queue
+
+    async def _open(
+        self, host: str, port: int, factory: Callable[[], P], loop: asyncio.AbstractEventLoop
+    ) -> tuple[asyncio.Transport, P]:
         addresses = self.policy.allowed_addresses(host, port, await self.resolve(host, port))
         last_error: OSError | None = None
         for ip, sockaddr in addresses:
-            if deadline is not None and deadline - loop.time() <= 0:
-                break
             try:
-                return await _connect_by(loop, deadline, factory, ip, sockaddr)
-            except TimeoutError:
-                raise GatewayTimeout(f"timed out connecting to {host}:{port} after {self.dial_timeout:g}s") from None
+                return await _connect(loop, factory, ip, sockaddr)
+            except TimeoutError:  # the system's own connect timeout (ETIMEDOUT)
+                raise GatewayTimeout(f"timed out connecting to {host}:{port}") from None
             except OSError as exc:
                 last_error = exc
         if last_error is None:
-            raise GatewayTimeout(f"timed out connecting to {host}:{port} after {self.dial_timeout:g}s")
+            raise BadGateway(f"no address of {host}:{port} to connect to")
         if isinstance(last_error, ConnectionRefusedError):
             raise BadGateway(f"connection refused by {host}:{port}")
         raise BadGateway(f"cannot connect to {host}:{port}: {last_error.strerror or last_error}")
-
-
-async def _connect_by(
-    loop: asyncio.AbstractEventLoop,
-    deadline: float | None,
-    factory: Callable[[], P],
-    ip: IPAddress,
-    sockaddr: SockAddr,
-) -> tuple[asyncio.Transport, P]:
-    """`_connect`, cancelled with TimeoutError at `deadline` (loop time; None: none).
-
-    What `asyncio.timeout_at` does, without its two getpid() system calls
-    (on Python 3.11 it looks up the running loop and the current task each
-    time): about one in nine of a CONNECT tunnel's system calls. As there, a
-    cancellation from outside stays a cancellation.
-    """
-    if deadline is None:
-        return await _connect(loop, factory, ip, sockaddr)
-    task = asyncio.current_task(loop)  # given the loop, no lookup
-    assert task is not None
-    cancelling = task.cancelling()
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        task.cancel()
-
-    timer = loop.call_at(deadline, expire)
-    try:
-        return await _connect(loop, factory, ip, sockaddr)
-    except asyncio.CancelledError:
-        if expired and task.uncancel() <= cancelling:
-            raise TimeoutError from None
-        raise
-    finally:
-        timer.cancel()
 
 
 async def _connect(
