@@ -425,8 +425,8 @@ class Gateway:
 
     def begin_shutdown(self) -> None:
         """Stopping: /readyz says so, no new inference work, and every connection opened
-        from now on (taken from the accept queue, handed over by a sibling) answers the
-        request it has sent and closes."""
+        from now on (taken from the accept queue, handed over by a sibling) is answered
+        its first request, waited for within the read timeout, and closes."""
         self.lifecycle.shutting_down = True
         if self.inference is not None:
             self.inference.accepting = False

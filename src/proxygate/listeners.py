@@ -65,7 +65,9 @@ def take_queued(socks: list[socket.socket]) -> list[socket.socket]:
         while True:
             try:
                 conn, _ = listener.accept()
-            except OSError:  # BlockingIOError: the queue is empty
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued
+            except OSError:  # BlockingIOError: the queue is empty (or no descriptor is left)
                 break
             conn.setblocking(False)
             taken.append(conn)
