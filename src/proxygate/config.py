@@ -251,7 +251,7 @@ GATEWAY_FLAGS: tuple[Flag, ...] = (
     Flag("read-timeout", "30s", parse_duration, "time to read a request's headers; a stalled body read"),
     Flag("write-timeout", "60s", parse_duration, "time a single write may stall (not a whole response)"),
     Flag("idle-timeout", "120s", parse_duration, "idle keep-alive connection and idle tunnel timeout"),
-    Flag("dial-timeout", "10s", parse_duration, "upstream connect timeout"),
+    Flag("dial-timeout", "10s", parse_duration, "upstream connect timeout, resolving the name included"),
     Flag("inference-timeout", "5m", parse_duration, "max inference request duration"),
     Flag(
         "token-timeout",
