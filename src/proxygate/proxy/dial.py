@@ -126,8 +126,7 @@ class Dialer:
                 raise GatewayTimeout(f"timed out connecting to {host}:{port}") from None
             except OSError as exc:
                 last_error = exc
-        if last_error is None:
-            raise BadGateway(f"no address of {host}:{port} to connect to")
+        assert last_error is not None  # `allowed_addresses` raises when none is left
         if isinstance(last_error, ConnectionRefusedError):
             raise BadGateway(f"connection refused by {host}:{port}")
         raise BadGateway(f"cannot connect to {host}:{port}: {last_error.strerror or last_error}")
