@@ -2,12 +2,13 @@
 
 Deadlines of one length, started in time order, fall due in that order: a
 FIFO holds them and one loop timer waits for the oldest. Starting one is an
-append, ending one an assignment; a loop timer of its own (made, then
-cancelled when the work finishes first, as it nearly always does) costs
-about 9,000 instructions on uvloop, which per CONNECT tunnel was 3 % of the
-gateway's work (callgrind harness). The timer is moved lazily: when the
-oldest ends early, it still fires at that one's time and then waits for the
-next, so a steady flow of short work costs one timer per length of time.
+append, ending one an assignment, instead of a loop timer made and then
+cancelled when the work finishes first (as it nearly always does). For the
+dial deadline, with the closure and timer it replaced, that was 6,300
+instructions of a CONNECT tunnel's 290,000 (callgrind harness). The timer
+is moved lazily: when the oldest ends early, it still fires at that one's
+time and then waits for the next, so a steady flow of short work costs
+one timer per length of time.
 """
 
 from __future__ import annotations
