@@ -124,21 +124,20 @@ class AccessLog:
         self._stamp = ""
         self._quoted: dict[str, str] = {}  # host or path -> its JSON literal
 
-    def _timestamp(self) -> str:
-        # Many requests end within one millisecond: the string is made once per ms.
-        ms = int(time.time() * 1000)
-        if ms != self._ms:
-            self._ms = ms
-            second = ms // 1000
-            if second != self._second:
-                self._second = second
-                self._day_time = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._stamp = f"{self._day_time}.{_THOUSANDTHS[ms % 1000]}Z"
+    def _timestamp(self, ms: int) -> str:
+        """The time stamp of millisecond `ms` (since the epoch), made once per ms:
+        `write` reuses the last one while requests end within the same ms."""
+        self._ms = ms
+        second = ms // 1000
+        if second != self._second:
+            self._second = second
+            self._day_time = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        self._stamp = f"{self._day_time}.{_THOUSANDTHS[ms % 1000]}Z"
         return self._stamp
 
     def _quote(self, text: str) -> str:
-        quoted = self._quoted.get(text)
-        return quoted if quoted is not None else remember(self._quoted, text, _json_str(text))
+        """`text` as a JSON literal, remembered (`write` looks it up first)."""
+        return remember(self._quoted, text, _json_str(text))
 
     def write(
         self,
@@ -157,7 +156,10 @@ class AccessLog:
         """One request's line; `seconds` it took (written in milliseconds, to the microsecond).
 
         Positional: keyword arguments cost half as much again as the call's work."""
-        stamp = self._timestamp()
+        # The remembered parts are looked up here, not through calls: a method
+        # call costs as much as the lookup's whole work.
+        now_ms = int(time.time() * 1000)
+        stamp = self._stamp if now_ms == self._ms else self._timestamp(now_ms)
         status_text = _STATUS.get(status) or str(status)
         micros = int(seconds * 1_000_000)
         ms = micros // 1000
@@ -165,10 +167,13 @@ class AccessLog:
         if self.json:
             # request_id (a checked token or ours), method (an HTTP token checked by
             # the parser) and client_ip (an address) need no escaping; host and path may.
+            quoted = self._quoted
+            json_host = quoted.get(host) or self._quote(host)
+            json_path = quoted.get(path) or self._quote(path)
             line = (
                 f'{{"time":"{stamp}","level":"info","msg":"request","request_id":"{request_id}",'
-                f'"status":{status_text},"method":"{method}","host":{self._quote(host)},'
-                f'"path":{self._quote(path)},"client_ip":"{client_ip}","duration_ms":{ms}.{thousandths},'
+                f'"status":{status_text},"method":"{method}","host":{json_host},'
+                f'"path":{json_path},"client_ip":"{client_ip}","duration_ms":{ms}.{thousandths},'
                 f'"bytes_in":{bytes_in},"bytes_out":{bytes_out}'
                 + ("".join(f",{_json_str(k)}:{_json_str(v)}" for k, v in fields) if fields else "")
                 + "}\n"
