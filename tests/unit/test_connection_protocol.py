@@ -236,6 +236,36 @@ def test_read_timeout_on_a_partial_head_is_a_408_at_exactly_read_timeout() -> No
     run(test)
 
 
+def test_a_first_head_is_due_within_read_timeout_of_the_accept_a_later_one_of_its_first_byte() -> None:
+    """The first request's head shares the deadline armed when the connection opened (a
+    client dribbling it costs no second timer); a kept-alive connection's next head gets
+    the whole read timeout from its first byte."""
+
+    async def test(clock: VirtualClock) -> None:
+        conn, t = connect(App(read_timeout=30.0, idle_timeout=120.0))
+        opened = clock.now
+        await asyncio.sleep(20)
+        conn.data_received(b"GET /a HTTP/1.1\r\nHo")
+        while not t.closed:
+            await asyncio.sleep(1)
+        ((status, _, _),) = responses(t.take())
+        assert status == 408 and 30.0 <= clock.now - opened <= 31.0
+
+        conn, t = connect(App(read_timeout=30.0, idle_timeout=120.0))
+        conn.data_received(GET % b"/a")
+        await settle()
+        assert responses(t.take())[0][0] == 200
+        await asyncio.sleep(20)
+        started = clock.now
+        conn.data_received(b"GET /b HTTP/1.1\r\nHo")
+        while not t.closed:
+            await asyncio.sleep(1)
+        ((status, _, _),) = responses(t.take())
+        assert status == 408 and 30.0 <= clock.now - started <= 31.0
+
+    run(test)
+
+
 def test_a_connection_that_never_sends_is_closed_silently_after_read_timeout() -> None:
     async def test(clock: VirtualClock) -> None:
         conn, t = connect(App(read_timeout=30.0))
@@ -598,6 +628,7 @@ def test_a_tunnel_relays_both_ways_half_closes_and_logs_the_bytes_it_carried() -
     async def test(clock: VirtualClock) -> None:
         origin = FakeOrigin()
         app, exchanges = tunnel_app(origin)
+        tasks = len(asyncio.all_tasks())
         conn, t = connect(app)
         # Bytes after the head in the same packet (a TLS ClientHello, say) are the tunnel's.
         conn.data_received(b"CONNECT o.test:443 HTTP/1.1\r\nHost: o.test:443\r\n\r\nhello")
@@ -607,6 +638,9 @@ def test_a_tunnel_relays_both_ways_half_closes_and_logs_the_bytes_it_carried() -
         assert up_t.take() == b"hello"
         client_side = t.protocol
         assert client_side is not conn and isinstance(client_side, asyncio.Protocol)  # no HTTP parsing any more
+        # No task waits out the tunnel's life; its request is open (busy) until it ends.
+        assert len(asyncio.all_tasks()) == tasks
+        assert conn.busy and app.done == []
         client_side.data_received(b"GET / HTTP/1.1\r\n\r\n")  # relayed as bytes, not parsed
         assert up_t.take() == b"GET / HTTP/1.1\r\n\r\n"
         up.data_received(b"world")

@@ -30,6 +30,7 @@ class Exchange:
         "bytes_in",
         "bytes_out",
         "ends_on_eof",
+        "outlives_handler",
         "_continue_sent",
     )
 
@@ -41,6 +42,7 @@ class Exchange:
         self.bytes_in: int | None = None  # None: the request body's size
         self.bytes_out = 0
         self.ends_on_eof = False
+        self.outlives_handler = False  # ends with `finish`, not when its handler returns
         self._continue_sent = False
 
     @property
@@ -59,6 +61,16 @@ class Exchange:
         inference stream): the handler is cancelled and the work upstream stops.
         """
         self.ends_on_eof = True
+
+    def outlive_handler(self) -> None:
+        """This exchange goes on after its handler returns, until `finish` (a CONNECT
+        tunnel: no task waits out its life). The connection is busy until then."""
+        self.outlives_handler = True
+
+    def finish(self) -> None:
+        """The end of an exchange that outlived its handler: logged and counted now."""
+        assert self.outlives_handler
+        self.conn.exchange_finished(self)
 
     def close_when_done(self) -> None:
         """The connection closes after this response (an Upgrade, a CONNECT, a cut body)."""
@@ -106,7 +118,12 @@ class Exchange:
 
     async def drain(self) -> None:
         """Wait until the client has taken enough of what was written (write-stall timeout applies)."""
-        await self.conn.flow.drain(self.conn.settings.write_timeout)
+        conn = self.conn
+        flow = conn.flow  # made only once the transport asked us to stop writing
+        if flow is not None:
+            await flow.drain(conn.settings.write_timeout)
+        elif conn.closed:
+            raise ConnectionResetError("connection closed")
 
     def send(self, status: int, headers: Headers, body: bytes = b"", *, close: bool = False) -> None:
         """A whole response with a Content-Length body."""

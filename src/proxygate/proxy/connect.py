@@ -52,6 +52,8 @@ class ConnectHandler:
         self.stats = metrics.connection_stats
 
     async def handle(self, req: Request, ex: Exchange, host: str, port: int) -> None:
+        """Returns once the tunnel is up (or refused): the exchange ends with the tunnel
+        (`_tunnel_ended`), and no task waits for that."""
         ex.close_when_done()
         metrics = self.metrics
         if self.blocklist.current.is_blocked(host):
@@ -60,7 +62,7 @@ class ConnectHandler:
             return
         try:
             self.dialer.policy.check_connect_port(port)
-            tunnel = await self.open(req, ex, host, port)
+            await self.open(req, ex, host, port)
         except DestinationDenied:
             metrics.denied.labels("connect").inc()
             self.stats.tunnel_ended("denied")
@@ -68,20 +70,11 @@ class ConnectHandler:
         except HttpError:
             self.stats.tunnel_ended("dial_failed")
             raise
-        stats = self.stats
-        stats.open_tunnels += 1
-        try:
-            why = await tunnel.done
-        finally:
-            stats.open_tunnels -= 1
-            stats.bytes_up += tunnel.bytes_up
-            stats.bytes_down += tunnel.bytes_down
-        stats.tunnel_ended("idle_timeout" if why == "idle timeout" else "closed")
-        ex.relayed(tunnel.bytes_up, tunnel.bytes_down)
+        self.stats.open_tunnels += 1
 
     async def open(self, req: Request, ex: Exchange, host: str, port: int) -> Tunnel:
-        """Dial host:port, answer 200, and start relaying; the caller awaits `tunnel.done`."""
-        tunnel = Tunnel(ex.conn, self.idle_timeout)
+        """Dial host:port, answer 200, and start relaying."""
+        tunnel = Tunnel(ex, self.idle_timeout, self._tunnel_ended)
         # A new side per dial attempt, held by its transport only (the tunnel holding it
         # too would be a cycle, left to the garbage collector).
         await self.dialer.open(host, port, lambda: UpstreamSide(tunnel), ex.conn.loop)
@@ -90,5 +83,16 @@ class ConnectHandler:
             b"HTTP/1.1 200 Connection established\r\nX-Request-ID: %s\r\n%s\r\n"
             % (req.request_id.encode(), req.extra_head),
         )
+        ex.outlive_handler()
         tunnel.start()
         return tunnel
+
+    def _tunnel_ended(self, tunnel: Tunnel, why: str) -> None:
+        stats = self.stats
+        stats.open_tunnels -= 1
+        stats.bytes_up += tunnel.bytes_up
+        stats.bytes_down += tunnel.bytes_down
+        stats.tunnel_ended("idle_timeout" if why == "idle timeout" else "closed")
+        ex = tunnel.exchange
+        ex.relayed(tunnel.bytes_up, tunnel.bytes_down)
+        ex.finish()

@@ -11,24 +11,28 @@ other, and a tunnel with no bytes either way for the idle timeout is closed.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from ..http.deadline import IDLE
-
-if TYPE_CHECKING:
-    from ..http.connection import ClientConnection
+from ..http.exchange import Exchange
 
 
 class Tunnel:
-    """Both ends of one tunnel, its byte counts, and `done` (why it ended)."""
+    """Both ends of one tunnel, its byte counts, and why it ended.
 
-    def __init__(self, client: ClientConnection, idle_timeout: float) -> None:
-        self.client = client
+    `on_end` is called once, when both sides are closed, with the reason; the
+    CONNECT's exchange is open until then (`Exchange.outlive_handler`).
+    """
+
+    def __init__(self, exchange: Exchange, idle_timeout: float, on_end: Callable[[Tunnel, str], None]) -> None:
+        self.exchange = exchange
+        client = self.client = exchange.conn
         self.idle_timeout = idle_timeout
+        self.on_end = on_end
         self.upstream: asyncio.Transport | None = None
         self.bytes_up = 0  # client → upstream
         self.bytes_down = 0  # upstream → client
-        self.done: asyncio.Future[str] = client.loop.create_future()
+        self.ended = False
         self.client_eof = False
         self.upstream_eof = False
         self.now = client.loop.time  # the loop's clock: read once per pass, no system call
@@ -58,13 +62,14 @@ class Tunnel:
             self.client.deadline.arm(self.idle_timeout - idle, IDLE)
 
     def finish(self, why: str) -> None:
-        if self.done.done():
+        if self.ended:
             return
+        self.ended = True
         self.client.deadline.cancel()
         if self.upstream is not None:
             self.upstream.close()
         self.client.close()
-        self.done.set_result(why)
+        self.on_end(self, why)
 
 
 class UpstreamSide(asyncio.Protocol):
