@@ -52,17 +52,21 @@ class ConnectHandler:
         self.stats = metrics.connection_stats
 
     async def handle(self, req: Request, ex: Exchange, host: str, port: int) -> None:
-        """Returns once the tunnel is up (or refused): the exchange ends with the tunnel
-        (`_tunnel_ended`), and no task waits for that."""
+        """Dial host:port, answer 200 and start relaying; returns once the tunnel is up
+        (or refused). The exchange ends with the tunnel (`_tunnel_ended`): no task
+        waits for that."""
         ex.close_when_done()
         metrics = self.metrics
         if self.blocklist.current.is_blocked(host):
             metrics.blocked.inc()
             ex.send(403, [])
             return
+        tunnel = Tunnel(ex, self.idle_timeout, self._tunnel_ended)
         try:
             self.dialer.policy.check_connect_port(port)
-            await self.open(req, ex, host, port)
+            # A new side per dial attempt, held by its transport only (the tunnel holding it
+            # too would be a cycle, left to the garbage collector).
+            await self.dialer.open(host, port, lambda: UpstreamSide(tunnel), ex.conn.loop)
         except DestinationDenied:
             metrics.denied.labels("connect").inc()
             self.stats.tunnel_ended("denied")
@@ -71,13 +75,6 @@ class ConnectHandler:
             self.stats.tunnel_ended("dial_failed")
             raise
         self.stats.open_tunnels += 1
-
-    async def open(self, req: Request, ex: Exchange, host: str, port: int) -> Tunnel:
-        """Dial host:port, answer 200, and start relaying."""
-        tunnel = Tunnel(ex, self.idle_timeout, self._tunnel_ended)
-        # A new side per dial attempt, held by its transport only (the tunnel holding it
-        # too would be a cycle, left to the garbage collector).
-        await self.dialer.open(host, port, lambda: UpstreamSide(tunnel), ex.conn.loop)
         ex.start_raw(
             200,
             b"HTTP/1.1 200 Connection established\r\nX-Request-ID: %s\r\n%s\r\n"
@@ -85,7 +82,6 @@ class ConnectHandler:
         )
         ex.outlive_handler()
         tunnel.start()
-        return tunnel
 
     def _tunnel_ended(self, tunnel: Tunnel, why: str) -> None:
         stats = self.stats

@@ -52,16 +52,25 @@ class Dialer:
         self._queue: TimeoutQueue | None = None  # the dial deadlines (`open`)
 
     async def resolve(self, host: str, port: int) -> list[tuple[IPAddress, SockAddr]]:
+        known = self.resolved(host, port)
+        return known if known is not None else await self._lookup(host, port)
+
+    def resolved(self, host: str, port: int) -> list[tuple[IPAddress, SockAddr]] | None:
+        """`host`'s addresses without waiting, when it is an address or a name resolved
+        within the cache's time; else None."""
         ip = _ip_literal(host)
         if ip is not None:
             sockaddr: SockAddr = (host, port) if ip.version == 4 else (host, port, 0, 0)
             return [(ip, sockaddr)]
         if not _HOSTNAME.fullmatch(host) or len(host) > 253:
             raise BadRequest(f"malformed host name {host[:100]!r}")
-        now = time.monotonic()
         cached = self._dns.get(host)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             return [(ip, (sa[0], port, *sa[2:])) for ip, sa in cached[1]]
+        return None
+
+    async def _lookup(self, host: str, port: int) -> list[tuple[IPAddress, SockAddr]]:
+        now = time.monotonic()
         getaddrinfo = self._getaddrinfo or asyncio.get_running_loop().getaddrinfo
         try:
             infos = await getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
@@ -117,7 +126,11 @@ class Dialer:
     async def _open(
         self, host: str, port: int, factory: Callable[[], P], loop: asyncio.AbstractEventLoop
     ) -> tuple[asyncio.Transport, P]:
-        addresses = self.policy.allowed_addresses(host, port, await self.resolve(host, port))
+        # Without a coroutine for what is known already (an address, a cached name).
+        addresses = self.resolved(host, port)
+        if addresses is None:
+            addresses = await self._lookup(host, port)
+        addresses = self.policy.allowed_addresses(host, port, addresses)
         last_error: OSError | None = None
         for ip, sockaddr in addresses:
             try:

@@ -12,6 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ...memo import remember
+
+# (limit, remaining, reset seconds) -> the header lines (`Decision.head_lines`).
+_HEAD_LINES: dict[tuple[int, int, int], bytes] = {}
+
 
 @dataclass(slots=True)  # not frozen: one is made per request, and frozen __init__ is slower
 class Decision:
@@ -22,12 +27,19 @@ class Decision:
     reset_after: float  # seconds until the bucket is empty again
 
     def head_lines(self) -> bytes:
-        """The X-RateLimit-* headers of an admitted request, rendered."""
-        return b"X-RateLimit-Limit: %d\r\nX-RateLimit-Remaining: %d\r\nX-RateLimit-Reset: %d\r\n" % (
-            self.limit,
-            self.remaining,
-            math.ceil(self.reset_after),
-        )
+        """The X-RateLimit-* headers of an admitted request, rendered.
+
+        Remembered: a client's requests repeat the same few values, and
+        formatting three numbers costs as much as the rest of the check."""
+        values = (self.limit, self.remaining, math.ceil(self.reset_after))
+        lines = _HEAD_LINES.get(values)
+        if lines is None:
+            lines = remember(
+                _HEAD_LINES,
+                values,
+                b"X-RateLimit-Limit: %d\r\nX-RateLimit-Remaining: %d\r\nX-RateLimit-Reset: %d\r\n" % values,
+            )
+        return lines
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         out = [
