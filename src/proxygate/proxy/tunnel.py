@@ -27,6 +27,9 @@ class Tunnel:
     def __init__(self, exchange: Exchange, idle_timeout: float, on_end: Callable[[Tunnel, str], None]) -> None:
         self.exchange = exchange
         client = self.client = exchange.conn
+        # The client's socket, the same transport before and after `detach`: once the
+        # tunnel has it, bytes, half-closes and the close go to it directly.
+        self.client_transport = client.transport
         self.idle_timeout = idle_timeout
         self.on_end = on_end
         self.upstream: asyncio.Transport | None = None
@@ -46,7 +49,8 @@ class Tunnel:
         tail = self.client.detach(side, self._idle_deadline)
         # The 200 goes now: from here on what comes from upstream is written to the
         # client directly (one message per loop pass; holding it for the pass's end
-        # gains nothing), and must follow it.
+        # gains nothing), and must follow it. Nothing of this connection goes through
+        # the write batch after this.
         self.client.writes.flush()
         if tail:
             side.data_received(tail)
@@ -68,7 +72,8 @@ class Tunnel:
         self.client.deadline.cancel()
         if self.upstream is not None:
             self.upstream.close()
-        self.client.close()
+        if self.client_transport is not None:
+            self.client_transport.close()
         self.on_end(self, why)
 
 
@@ -85,27 +90,29 @@ class UpstreamSide(asyncio.Protocol):
         tunnel = self.tunnel
         tunnel.bytes_down += len(data)
         tunnel.last_activity = tunnel.now()
-        client = tunnel.client.transport
+        client = tunnel.client_transport
         if client is not None and not client.is_closing():
             client.write(data)
 
     def eof_received(self) -> bool:
         tunnel = self.tunnel
         tunnel.upstream_eof = True
-        if tunnel.client_eof or not tunnel.client.write_eof():
+        client = tunnel.client_transport
+        if tunnel.client_eof or client is None or client.is_closing() or not client.can_write_eof():
             tunnel.finish("closed")
             return False
+        client.write_eof()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.tunnel.finish("upstream error" if exc else "closed")
 
     def pause_writing(self) -> None:
-        if self.tunnel.client.transport is not None:
-            self.tunnel.client.transport.pause_reading()
+        if self.tunnel.client_transport is not None:
+            self.tunnel.client_transport.pause_reading()
 
     def resume_writing(self) -> None:
-        client = self.tunnel.client.transport
+        client = self.tunnel.client_transport
         if client is not None and not client.is_closing():
             client.resume_reading()
 
@@ -125,7 +132,6 @@ class ClientSide(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         tunnel = self.tunnel
-        tunnel.client.writes.flush()  # what we wrote goes before anything that follows
         tunnel.client_eof = True
         upstream = tunnel.upstream
         if tunnel.upstream_eof or upstream is None or not upstream.can_write_eof():
