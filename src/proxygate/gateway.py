@@ -304,8 +304,8 @@ class Gateway:
         policy = self.parts.rate_limit
         if policy is None or not endpoint:
             return None
-        if policy.check_now is not None:
-            req.extra_head = policy.admit_now(req, endpoint).head_lines()
+        if policy.charge_now is not None:
+            req.extra_head = policy.admit_now(req, endpoint)
             return None
         return self._rate_limit_remote(policy, req, endpoint)
 

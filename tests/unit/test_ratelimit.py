@@ -190,3 +190,13 @@ def test_ipv6_prefix_key() -> None:
     assert ident.key("2001:db8:1:2:bbbb::9", []) == "2001:db8:1:2::/64"
     assert ident.key("1.2.3.4", []) == "1.2.3.4"
     assert ipaddress.ip_address(ClientIdentity().key("2001:db8::1", []))
+
+
+def test_an_admitted_requests_header_lines_are_those_of_its_decision() -> None:
+    """`BucketSpec.head_lines` (the in-process stores' path, no Decision made) renders what
+    `decision(True, level).head_lines()` does, at every level a bucket can hold."""
+    spec = BucketSpec.per_minute(100, 20)
+    for level in [0.0, 1e-12, 0.3, 1.0, 1.5, 7.999999, 19.0, 19.9999999999, 20.0, 20.5]:
+        assert spec.head_lines(level) == spec.decision(True, level).head_lines(), level
+    lines = spec.head_lines(1.5).decode()
+    assert lines == "X-RateLimit-Limit: 20\r\nX-RateLimit-Remaining: 18\r\nX-RateLimit-Reset: 1\r\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from ...config import GatewaySettings
 from ...errors import ServiceUnavailable, TooManyRequests
@@ -76,13 +76,22 @@ class RateLimitPolicy:
         self.fail_open = fail_open
         self._outage = False
         # In-process stores answer on the spot: no coroutine per request.
-        self.check_now: Callable[[str], Decision] | None = getattr(limiter, "check_now", None)
+        self.charge_now: Callable[[str, BucketSpec, float, bool], tuple[bool, float]] | None = getattr(
+            limiter, "charge_now", None
+        )
+        self._spec: BucketSpec | None = getattr(limiter, "spec", None)
         self._peer_keyed = identity.is_peer_address
 
-    def admit_now(self, req: Request, endpoint: str) -> Decision:
-        """`admit` for a store with `check_now` (memory, shared memory)."""
-        assert self.check_now is not None
-        return self._verdict(self.check_now(self._key(req)), endpoint)
+    def admit_now(self, req: Request, endpoint: str) -> bytes:
+        """`admit` for a store with `charge_now` (memory, shared memory): the admitted
+        request's X-RateLimit-* header lines, or 429. No `Decision` is made for an
+        admitted request (a third of the check's cost)."""
+        assert self.charge_now is not None and self._spec is not None
+        spec = self._spec
+        allowed, level = self.charge_now(self._key(req), spec, 1.0, False)
+        if not allowed:
+            self._refuse(spec.decision(False, level), endpoint)
+        return spec.head_lines(level)
 
     async def admit(self, req: Request, endpoint: str) -> Decision | None:
         """The decision for an admitted request (None if the store is down and we fail open)."""
@@ -113,6 +122,9 @@ class RateLimitPolicy:
     def _verdict(self, decision: Decision, endpoint: str) -> Decision:
         """`decision` if it admits; else counted and raised as 429."""
         if not decision.allowed:
-            self.metrics.rate_limited.labels(endpoint).inc()
-            raise TooManyRequests("rate limit exceeded", headers=decision.headers())
+            self._refuse(decision, endpoint)
         return decision
+
+    def _refuse(self, decision: Decision, endpoint: str) -> NoReturn:
+        self.metrics.rate_limited.labels(endpoint).inc()
+        raise TooManyRequests("rate limit exceeded", headers=decision.headers())

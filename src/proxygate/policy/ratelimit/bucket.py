@@ -27,19 +27,8 @@ class Decision:
     reset_after: float  # seconds until the bucket is empty again
 
     def head_lines(self) -> bytes:
-        """The X-RateLimit-* headers of an admitted request, rendered.
-
-        Remembered: a client's requests repeat the same few values, and
-        formatting three numbers costs as much as the rest of the check."""
-        values = (self.limit, self.remaining, math.ceil(self.reset_after))
-        lines = _HEAD_LINES.get(values)
-        if lines is None:
-            lines = remember(
-                _HEAD_LINES,
-                values,
-                b"X-RateLimit-Limit: %d\r\nX-RateLimit-Remaining: %d\r\nX-RateLimit-Reset: %d\r\n" % values,
-            )
-        return lines
+        """The X-RateLimit-* headers of an admitted request, rendered."""
+        return _head_lines(self.limit, self.remaining, math.ceil(self.reset_after))
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         out = [
@@ -50,6 +39,21 @@ class Decision:
         if not self.allowed:
             out.append((b"Retry-After", b"%d" % max(1, math.ceil(self.retry_after))))
         return out
+
+
+def _head_lines(limit: int, remaining: int, reset: int) -> bytes:
+    """The X-RateLimit-* header lines. Remembered: a client's requests repeat the
+    same few values, and formatting three numbers costs as much as the rest of
+    the check."""
+    values = (limit, remaining, reset)
+    lines = _HEAD_LINES.get(values)
+    if lines is None:
+        lines = remember(
+            _HEAD_LINES,
+            values,
+            b"X-RateLimit-Limit: %d\r\nX-RateLimit-Remaining: %d\r\nX-RateLimit-Reset: %d\r\n" % values,
+        )
+    return lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +86,18 @@ class BucketSpec:
         return False, current
 
     def decision(self, allowed: bool, level: float, cost: float = 1.0) -> Decision:
-        remaining = int(self.capacity - level + 1e-9)  # floor, for the values kept
-        if remaining < 0:
-            remaining = 0
         retry = 0.0 if allowed else max(0.0, (level + cost - self.capacity) / self.rate)
-        return Decision(allowed, self.capacity, remaining, retry, level / self.rate)
+        return Decision(allowed, self.capacity, self.remaining(level), retry, level / self.rate)
+
+    def remaining(self, level: float) -> int:
+        """Whole requests admissible with the bucket at `level`."""
+        remaining = int(self.capacity - level + 1e-9)  # floor, for the values kept
+        return remaining if remaining > 0 else 0
+
+    def head_lines(self, level: float) -> bytes:
+        """`decision(True, level).head_lines()` without making the decision: what an
+        admitted request's response carries."""
+        return _head_lines(self.capacity, self.remaining(level), math.ceil(level / self.rate))
 
     def idle_after(self, level: float) -> float:
         """Seconds after which a bucket at `level` is empty and may be forgotten."""
