@@ -238,11 +238,13 @@ async def connect_once(requests: int, relay: int = 0) -> float:
                 # the client is done, its half-close (as the bench's client closes).
                 if left[0] == relay and not data.startswith(b"HTTP/1.1 200 "):
                     raise SystemExit(f"the tunnel was refused: {data[:80]!r}")
+                # The protocol is looked up when the bytes arrive, as a socket's reader does:
+                # the 200 is written before the tunnel takes the socket.
                 if left[0] == 0:
-                    loop.call_soon(transport.protocol.eof_received)
+                    loop.call_soon(lambda: transport.protocol.eof_received())
                     return
                 left[0] -= 1
-                loop.call_soon(transport.protocol.data_received, REQUEST)  # the origin answers RESPONSE
+                loop.call_soon(lambda: transport.protocol.data_received(REQUEST))  # the origin answers RESPONSE
 
             conn, transport = open_client(gateway, received)
             conn.data_received(connect)

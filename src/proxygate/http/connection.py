@@ -495,6 +495,15 @@ class ClientConnection(asyncio.Protocol):
         self.writes.write(transport, data)
         return True
 
+    def write_now(self, data: bytes) -> bool:
+        """`write`, sent now instead of at the loop pass's end (after whatever the batch holds)."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return False
+        self.writes.flush()
+        transport.write(data)
+        return True
+
     def ends_after_response(self, req: Request) -> bool:
         """Whether the response to `req` is this connection's last (it says `Connection: close`)."""
         return self.close_after or not req.keep_alive or self.draining or (self.client_eof and not self.pending)

@@ -107,10 +107,12 @@ class Exchange:
         return render_head(b"1.1" if req.version == b"1.1" else b"1.0", status, headers, tail)
 
     def start_raw(self, status: int, head: bytes) -> None:
-        """Write a head the caller rendered whole (CONNECT's `200 Connection established`)."""
+        """Write a head the caller rendered whole (CONNECT's `200 Connection established`),
+        at once rather than at the loop pass's end: what follows it (a tunnel's bytes)
+        goes to the transport directly."""
         self.response_started = True
         self.status = status
-        self.conn.write(head)
+        self.conn.write_now(head)
 
     def write(self, data: bytes) -> None:
         if self.conn.write(data):

@@ -47,11 +47,10 @@ class Tunnel:
         # The connection's deadline comes with its socket: the idle timeout runs on the
         # loop timer it already has (its read timeout's, sooner than ours), not a new one.
         tail = self.client.detach(side, self._idle_deadline)
-        # The 200 goes now: from here on what comes from upstream is written to the
-        # client directly (one message per loop pass; holding it for the pass's end
-        # gains nothing), and must follow it. Nothing of this connection goes through
-        # the write batch after this.
-        self.client.writes.flush()
+        # From here on what comes from upstream is written to the client directly (one
+        # message per loop pass; holding it for the pass's end gains nothing), after the
+        # 200 (`Exchange.start_raw` sent it at once). Nothing of this connection goes
+        # through the write batch any more.
         if tail:
             side.data_received(tail)
         if self.idle_timeout > 0:
