@@ -2,8 +2,8 @@
 
 The relay is two protocol objects, one on each socket, writing into each
 other's transports with no task in between: the client's socket leaves HTTP
-(`ClientConnection.detach`) for `ClientSide`, the upstream one is dialled
-with `UpstreamSide`. A full write buffer on one side pauses reading on the
+(`ClientConnection.detach`) for the `Tunnel` itself, the upstream one is
+dialled with `UpstreamSide`. A full write buffer on one side pauses reading on the
 other (flow control), an EOF from one side becomes a half-close towards the
 other, and a tunnel with no bytes either way for the idle timeout is closed.
 """
@@ -17,8 +17,9 @@ from ..http.deadline import IDLE
 from ..http.exchange import Exchange
 
 
-class Tunnel:
-    """Both ends of one tunnel, its byte counts, and why it ended.
+class Tunnel(asyncio.Protocol):
+    """Both ends of one tunnel, its byte counts, and why it ended; once started, the
+    client socket's protocol (its bytes go upstream).
 
     `on_end` is called once, when both sides are closed, with the reason; the
     CONNECT's exchange is open until then (`Exchange.outlive_handler`).
@@ -43,16 +44,15 @@ class Tunnel:
 
     def start(self) -> None:
         """The 200 is written: take the client's socket and relay from now on, watching for idleness."""
-        side = ClientSide(self)
         # The connection's deadline comes with its socket: the idle timeout runs on the
         # loop timer it already has (its read timeout's, sooner than ours), not a new one.
-        tail = self.client.detach(side, self._idle_deadline)
+        tail = self.client.detach(self, self._idle_deadline)
         # From here on what comes from upstream is written to the client directly (one
         # message per loop pass; holding it for the pass's end gains nothing), after the
         # 200 (`Exchange.start_raw` sent it at once). Nothing of this connection goes
         # through the write batch any more.
         if tail:
-            side.data_received(tail)
+            self.data_received(tail)
         if self.idle_timeout > 0:
             self.client.deadline.arm(self.idle_timeout, IDLE)
 
@@ -63,6 +63,36 @@ class Tunnel:
             self.finish("idle timeout")
         else:
             self.client.deadline.arm(self.idle_timeout - idle, IDLE)
+
+    # ---- the client socket's protocol, from `start` on ----
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_up += len(data)
+        self.last_activity = self.now()
+        if self.upstream is not None:
+            self.upstream.write(data)
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        upstream = self.upstream
+        if self.upstream_eof or upstream is None or not upstream.can_write_eof():
+            self.finish("closed")
+        else:
+            upstream.write_eof()
+        return True  # keep our sending half open: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.finish("client closed")
+        self.client.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and not upstream.is_closing():
+            upstream.resume_reading()
 
     def finish(self, why: str) -> None:
         if self.ended:
@@ -114,40 +144,3 @@ class UpstreamSide(asyncio.Protocol):
         client = self.tunnel.client_transport
         if client is not None and not client.is_closing():
             client.resume_reading()
-
-
-class ClientSide(asyncio.Protocol):
-    """The client socket's protocol once the tunnel is up: its bytes go upstream."""
-
-    def __init__(self, tunnel: Tunnel) -> None:
-        self.tunnel = tunnel
-
-    def data_received(self, data: bytes) -> None:
-        tunnel = self.tunnel
-        tunnel.bytes_up += len(data)
-        tunnel.last_activity = tunnel.now()
-        if tunnel.upstream is not None:
-            tunnel.upstream.write(data)
-
-    def eof_received(self) -> bool:
-        tunnel = self.tunnel
-        tunnel.client_eof = True
-        upstream = tunnel.upstream
-        if tunnel.upstream_eof or upstream is None or not upstream.can_write_eof():
-            tunnel.finish("closed")
-        else:
-            upstream.write_eof()
-        return True  # keep our sending half open: half-close
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.tunnel.finish("client closed")
-        self.tunnel.client.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self.tunnel.upstream is not None:
-            self.tunnel.upstream.pause_reading()
-
-    def resume_writing(self) -> None:
-        upstream = self.tunnel.upstream
-        if upstream is not None and not upstream.is_closing():
-            upstream.resume_reading()
