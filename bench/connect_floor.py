@@ -24,7 +24,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_bench as pb  # noqa: E402
@@ -45,7 +47,16 @@ class _Upstream(asyncio.Protocol):
         self.client.close()
 
 
+Dial = Callable[[Callable[[], asyncio.Protocol], str, int], Awaitable[tuple[Any, Any]]]
+
+
 class _Client(asyncio.Protocol):
+    """`dial`: how to connect upstream (the loop's create_connection; hotpath_bench.py's
+    instruction counts pass its fake origin)."""
+
+    def __init__(self, dial: Dial | None = None) -> None:
+        self.dial = dial
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
         self.head = b""
@@ -65,9 +76,8 @@ class _Client(asyncio.Protocol):
 
     async def _dial(self, host: str, port: int, rest: bytes) -> None:
         try:
-            upstream, _ = await asyncio.get_running_loop().create_connection(
-                lambda: _Upstream(self.transport), host, port
-            )
+            dial = self.dial or asyncio.get_running_loop().create_connection
+            upstream, _ = await dial(lambda: _Upstream(self.transport), host, port)
         except OSError:
             self.transport.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
             self.transport.close()

@@ -163,8 +163,10 @@ class OriginTransport(Transport):
         loop.call_soon(self._origin_closes)
 
     def _origin_closes(self) -> None:
-        if self.protocol.eof_received() is not True:
-            self.close()
+        # Answered with its own EOF, and then closed, as nginx closes a connection
+        # whose client half-closed (whatever the protocol asks).
+        self.protocol.eof_received()
+        self.close()
 
 
 @contextlib.contextmanager
@@ -250,6 +252,56 @@ async def connect_once(requests: int, relay: int = 0) -> float:
             conn.data_received(connect)
 
         return await serially(gateway, requests, tunnel)
+
+
+async def floor_once(requests: int, relay: int = 0) -> float:
+    """`connect_once` through the floor (bench/connect_floor.py: read the head, dial,
+    200, relay; nothing else) instead of the gateway: what a tunnel costs in Python
+    and the loop alone, with the same fake client, origin and transports."""
+    import connect_floor
+
+    origin = FakeOrigin()
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    left = [requests]
+
+    def dial(factory: Callable[[], Any], host: str, port: int) -> Any:
+        return origin.open(host, port, factory, loop)
+
+    def tunnel() -> None:
+        exchanges = [relay]
+
+        def received(data: bytes) -> None:
+            if exchanges[0] == relay and not data.startswith(b"HTTP/1.1 200 "):
+                raise SystemExit(f"the tunnel was refused: {data[:80]!r}")
+            if exchanges[0] == 0:
+                loop.call_soon(lambda: transport.protocol.eof_received())
+                return
+            exchanges[0] -= 1
+            loop.call_soon(lambda: transport.protocol.data_received(REQUEST))
+
+        client = connect_floor._Client(dial)
+        lost = client.connection_lost
+
+        def closed(exc: Exception | None) -> None:
+            lost(exc)
+            left[0] -= 1
+            if left[0] > 0:
+                loop.call_soon(tunnel)
+            else:
+                done.set_result(None)
+
+        client.connection_lost = closed  # type: ignore[method-assign]
+        transport = Transport(received, ("127.0.0.1", 40000))
+        transport.protocol = client
+        client.connection_made(transport)  # type: ignore[arg-type]
+        client.data_received(b"CONNECT 127.0.0.2:443 HTTP/1.1\r\nHost: 127.0.0.2:443\r\n\r\n")
+
+    gc.collect()
+    started = time.process_time()
+    tunnel()
+    await done
+    return (time.process_time() - started) / requests * 1e6
 
 
 async def new_connection_once(requests: int) -> float:
@@ -371,6 +423,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--connect", action="store_true", help="CONNECT tunnels, a new connection each")
     parser.add_argument("--relay", type=int, default=0, help="with --connect: exchanges through each tunnel")
+    parser.add_argument(
+        "--floor", action="store_true", help="with --connect: through bench/connect_floor.py's proxy, not the gateway"
+    )
     parser.add_argument("--new-connections", action="store_true", help="a new client connection per request")
     parser.add_argument(
         "--instructions", action="store_true", help="count instructions per request with callgrind instead of CPU time"
@@ -431,7 +486,7 @@ def main() -> None:
 
 def one_run(args: argparse.Namespace, requests: int) -> Coroutine[Any, Any, float]:
     if args.connect:
-        return connect_once(requests, args.relay)
+        return floor_once(requests, args.relay) if args.floor else connect_once(requests, args.relay)
     if args.new_connections:
         return new_connection_once(requests)
     return run_once(requests, args.clients)
@@ -448,7 +503,7 @@ def instructions_per_request(args: argparse.Namespace) -> float:
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         raise SystemExit("--instructions needs valgrind: apt-get install -y valgrind")
     mode = (
-        ["--connect", "--relay", str(args.relay)]
+        ["--connect", "--relay", str(args.relay), *(["--floor"] if args.floor else [])]
         if args.connect
         else ["--new-connections"]
         if args.new_connections
