@@ -10,7 +10,6 @@ with a timeout that applies to one stalled write, never to a long transfer.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable
 
 from ..errors import WriteStalled
@@ -36,7 +35,9 @@ class BodyBuffer:
         # Called once when the consumer first asks for bytes: a client that
         # sent `Expect: 100-continue` is told to go ahead only then.
         self._on_first_read = on_first_read
-        self._chunks: deque[bytes] = deque()
+        # A list: it is only appended to and emptied whole, and making a deque
+        # costs 1,900 instructions (callgrind), a list 200, once per body.
+        self._chunks: list[bytes] = []
         self._size = 0
         self._eof = False
         self._exc: BaseException | None = None
@@ -123,7 +124,7 @@ class BodyBuffer:
                 raise self._exc
             return b""
         chunks = self._chunks
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._size = 0
         self._resume()
