@@ -43,7 +43,7 @@ from .policy.keys import KeyFile
 from .policy.ratelimit import RateLimiter, RateLimitPolicy
 from .proxy.connect import ConnectHandler, parse_authority
 from .proxy.dial import Dialer
-from .proxy.forward import ForwardProxy, Target
+from .proxy.forward import ForwardProxy, parse_target
 from .proxy.upstream import UpstreamPool
 from .steering import ConnectionSteering
 from .watched_file import WatchedFile
@@ -254,7 +254,7 @@ class Gateway:
                 ex.send(200, [(b"Allow", b"GET, HEAD, POST, CONNECT, OPTIONS")])
                 return
             raise BadRequest("request target must be a path, an absolute http:// URL, or host:port for CONNECT")
-        target = Target(req.target)
+        target = parse_target(req.target)
         if self.parts.dialer.policy.names_own_listener(target.host, target.port):
             await self._api(req, origin_path(target.path), ex)
             return

@@ -9,6 +9,7 @@ fresh one when the request is idempotent and has no body.
 from __future__ import annotations
 
 import asyncio
+import functools
 import html
 
 import httptools
@@ -16,6 +17,7 @@ import httptools
 from ..errors import BadGateway, BadRequest, DestinationDenied, GatewayTimeout, HttpError, RequestTimeout
 from ..http.exchange import Exchange
 from ..http.message import Headers, Request
+from ..memo import MEMO_MAX
 from ..observability.metrics import GatewayMetrics
 from ..policy.blocklist import BlocklistFile
 from .dial import Dialer
@@ -31,7 +33,8 @@ _REQUEST_SKIP = HOP_BY_HOP | {b"host", b"expect", b"x-request-id", b"content-len
 
 
 class Target:
-    """The parsed authority and origin-form path of an absolute-form URL."""
+    """The parsed authority and origin-form path of an absolute-form URL (not changed
+    once made: `parse_target` hands the same one to every request for that URL)."""
 
     __slots__ = ("host", "port", "path", "authority")
 
@@ -58,6 +61,23 @@ class Target:
         # ord(":"), not b":": bytes `in` bytes builds and drops a TypeError in CPython.
         host_bytes = url.host if 58 not in url.host else b"[" + url.host + b"]"
         self.authority = host_bytes if self.port == 80 else host_bytes + b":%d" % self.port
+
+
+# Targets up to this long are remembered (`parse_target`): a memo full of the
+# longest allowed ones would hold MEMO_MAX of them.
+_REMEMBERED_TARGET = 512
+
+
+def parse_target(raw: bytes) -> Target:
+    """`Target(raw)`, remembered for a target of ordinary length (a refusal is not: it
+    raises). Clients ask for the same URLs again and again, and parsing one costs
+    more than the memo's lookup by several thousand instructions."""
+    return _remembered_target(raw) if len(raw) <= _REMEMBERED_TARGET else Target(raw)
+
+
+@functools.lru_cache(maxsize=MEMO_MAX)
+def _remembered_target(raw: bytes) -> Target:
+    return Target(raw)
 
 
 def block_page(host: str) -> bytes:
