@@ -13,6 +13,7 @@ builds it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import time
@@ -33,6 +34,7 @@ from .inference.handoff import HandoffSender, OwnerLoad
 from .inference.openai_api import error_body
 from .inference.relay import InferenceRelay, RelayedApi
 from .inference.service import InferenceService
+from .memo import MEMO_MAX
 from .observability.logging import AccessLog
 from .observability.metrics import GatewayMetrics
 from .policy.access import AccessPolicy
@@ -483,9 +485,19 @@ def _log_host_path(req: Request) -> tuple[str, str]:
     if target[:1] == b"/":
         host = (req.host_header or b"").decode("latin-1")[:256]
         return host, origin_path(target).decode("latin-1")[:512]
+    return _absolute_host_path(target) if len(target) <= 512 else _split_absolute(target)
+
+
+@functools.lru_cache(maxsize=MEMO_MAX)
+def _absolute_host_path(target: bytes) -> tuple[str, str]:
+    """`_split_absolute`, remembered for a target of ordinary length: the same URLs come again and again."""
+    return _split_absolute(target)
+
+
+def _split_absolute(target: bytes) -> tuple[str, str]:
     # One regex match instead of a search and a slice per part (half the
-    # cost, once per request): the authority after the first `://` (or from
-    # the start), and the path to the query or fragment.
+    # cost): the authority after the first `://` (or from the start), and
+    # the path to the query or fragment.
     match = _ABSOLUTE_TARGET.match(target)
     assert match is not None  # every part is optional
     authority, path = match.groups()

@@ -27,6 +27,7 @@ def request(method: str, target: bytes, host: bytes | None = None) -> Request:
 )
 def test_absolute_form(target: bytes, expected: tuple[str, str]) -> None:
     assert _log_host_path(request("GET", target)) == expected
+    assert _log_host_path(request("GET", target)) is _log_host_path(request("HEAD", target))  # remembered
 
 
 def test_origin_form_connect_and_long_values() -> None:
