@@ -150,7 +150,7 @@ def load(model_path: str, device: str, dtype_name: str, threads: int) -> tuple[A
     dtype = getattr(torch, dtype_name)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    model = model.to(device)  # type: ignore[arg-type]  # transformers types .to() loosely
+    model = model.to(device)
     model.eval()
     log.info("model %s loaded in %.1fs (%s, %s)", folder.name, time.monotonic() - started, device, dtype_name)
     return model, tokenizer
