@@ -13,7 +13,6 @@ builds it.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import re
 import time
@@ -34,7 +33,7 @@ from .inference.handoff import HandoffSender, OwnerLoad
 from .inference.openai_api import error_body
 from .inference.relay import InferenceRelay, RelayedApi
 from .inference.service import InferenceService
-from .memo import MEMO_MAX
+from .memo import memoized
 from .observability.logging import AccessLog
 from .observability.metrics import GatewayMetrics
 from .policy.access import AccessPolicy
@@ -485,19 +484,15 @@ def _log_host_path(req: Request) -> tuple[str, str]:
     if target[:1] == b"/":
         host = (req.host_header or b"").decode("latin-1")[:256]
         return host, origin_path(target).decode("latin-1")[:512]
-    return _absolute_host_path(target) if len(target) <= 512 else _split_absolute(target)
+    return _absolute_host_path(target)
 
 
-@functools.lru_cache(maxsize=MEMO_MAX)
+@memoized
 def _absolute_host_path(target: bytes) -> tuple[str, str]:
-    """`_split_absolute`, remembered for a target of ordinary length: the same URLs come again and again."""
-    return _split_absolute(target)
-
-
-def _split_absolute(target: bytes) -> tuple[str, str]:
-    # One regex match instead of a search and a slice per part (half the
-    # cost): the authority after the first `://` (or from the start), and
-    # the path to the query or fragment.
+    """An absolute-form target's host and path, remembered (memo.py): the same URLs
+    come again and again. One regex match instead of a search and a slice per
+    part (half the cost): the authority after the first `://` (or from the
+    start), and the path to the query or fragment."""
     match = _ABSOLUTE_TARGET.match(target)
     assert match is not None  # every part is optional
     authority, path = match.groups()

@@ -39,3 +39,9 @@ def test_refused_targets_are_refused_every_time(target: bytes, reason: str) -> N
     for _ in range(2):  # a refusal is never remembered as an answer
         with pytest.raises(BadRequest, match=reason):
             parse_authority(target)
+
+
+def test_a_long_target_is_parsed_each_time_not_remembered() -> None:
+    target = b"h" * 600 + b".test:443"  # a memo of MEMO_MAX such targets would hold 2.5 MB
+    assert parse_authority(target) == ("h" * 600 + ".test", 443)
+    assert parse_authority(target) is not parse_authority(target)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import re
 
 from ..errors import BadRequest, DestinationDenied, HttpError
 from ..http.exchange import Exchange
 from ..http.message import Request
-from ..memo import MEMO_MAX
+from ..memo import memoized
 from ..observability.metrics import GatewayMetrics
 from ..policy.blocklist import BlocklistFile
 from .dial import Dialer
@@ -17,7 +16,7 @@ from .tunnel import Tunnel, UpstreamSide
 _AUTHORITY = re.compile(r"(?:\[([0-9A-Fa-f:.%\w]+)\]|([^:\[\]/@\s]+)):(\d{1,5})")
 
 
-@functools.lru_cache(maxsize=MEMO_MAX)
+@memoized
 def parse_authority(target: bytes) -> tuple[str, int]:
     """`host:port` or `[v6]:port` of a CONNECT request; a port is required.
 

@@ -8,7 +8,6 @@ resolve or a refused connection → 502, a dial timeout → 504, a policy refusa
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import re
 import socket
@@ -17,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ..errors import BadGateway, BadRequest, GatewayTimeout
-from ..memo import MEMO_MAX, remember
+from ..memo import memoized, remember
 from ..policy.destinations import DestinationPolicy, IPAddress, SockAddr
 from ..timeout_queue import TimeoutQueue
 
@@ -28,7 +27,7 @@ _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?:\.(?!-)[A-Za-z0-9_-]{1,63})*
 _DNS_TTL = 10.0
 
 
-@functools.lru_cache(maxsize=MEMO_MAX)
+@memoized
 def _ip_literal(host: str) -> IPAddress | None:
     """`host` as an address when it is one (remembered: parsing costs about
     20,000 instructions, and a CONNECT to an address asks for each tunnel)."""

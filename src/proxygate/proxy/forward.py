@@ -9,7 +9,6 @@ fresh one when the request is idempotent and has no body.
 from __future__ import annotations
 
 import asyncio
-import functools
 import html
 
 import httptools
@@ -17,7 +16,7 @@ import httptools
 from ..errors import BadGateway, BadRequest, DestinationDenied, GatewayTimeout, HttpError, RequestTimeout
 from ..http.exchange import Exchange
 from ..http.message import Headers, Request
-from ..memo import MEMO_MAX
+from ..memo import memoized
 from ..observability.metrics import GatewayMetrics
 from ..policy.blocklist import BlocklistFile
 from .dial import Dialer
@@ -63,20 +62,11 @@ class Target:
         self.authority = host_bytes if self.port == 80 else host_bytes + b":%d" % self.port
 
 
-# Targets up to this long are remembered (`parse_target`): a memo full of the
-# longest allowed ones would hold MEMO_MAX of them.
-_REMEMBERED_TARGET = 512
-
-
+@memoized
 def parse_target(raw: bytes) -> Target:
-    """`Target(raw)`, remembered for a target of ordinary length (a refusal is not: it
-    raises). Clients ask for the same URLs again and again, and parsing one costs
-    more than the memo's lookup by several thousand instructions."""
-    return _remembered_target(raw) if len(raw) <= _REMEMBERED_TARGET else Target(raw)
-
-
-@functools.lru_cache(maxsize=MEMO_MAX)
-def _remembered_target(raw: bytes) -> Target:
+    """`Target(raw)`, remembered (memo.py; a refusal is not: it raises). Clients ask
+    for the same URLs again and again, and parsing one costs more than the memo's
+    lookup by several thousand instructions."""
     return Target(raw)
 
 
