@@ -25,6 +25,12 @@ N rounds round-robin.
 `--interleaved N` instead starts every proxy at once and runs the c=64
 keep-alive load N times round-robin across them, so slow drifts of a shared
 machine hit every target alike: the fairest source for the c=64 ratios.
+`--new-connections N` does the same for new connections: CONNECT setups/s,
+hey through CONNECT to a TLS origin, and hey with a new connection per
+plain request, with each proxy's CPU split into user and system time and
+the machine's idle share. Both end with each proxygate target's ratios to
+the bars' peers (squid, tinyproxy) taken round by round: on a noisy machine
+the median of those is the figure to quote, not a ratio of two medians.
 
 Numbers are medians over --runs; the markdown table goes to stdout and
 bench/out/proxy-latest.md.
@@ -399,14 +405,27 @@ def _hey_rate(out: str) -> float:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process and its children (a multi-process proxy's tree)."""
-    total = 0
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process and its children."""
+    user = system = 0
     for p in tree_pids(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11])
+        system += int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def machine_idle() -> tuple[int, int]:
+    """The machine's idle (and I/O wait) time and its total time so far, in clock ticks (/proc/stat)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks)
 
 
 def new_connections(proxies: list[Proxy], origin_port: int, args: argparse.Namespace, work: Path) -> str:
@@ -417,7 +436,10 @@ def new_connections(proxies: list[Proxy], origin_port: int, args: argparse.Names
     small = f"http://127.0.0.1:{origin_port}/small"
     secure = f"https://127.0.0.1:{tls_port}/small"
     keys = ("connect", "cpu_us", "hey_tls", "cpu_tls", "hey_http", "cpu_http")
-    runs: dict[str, dict[str, list[float]]] = {p.name: {k: [] for k in keys} for p in proxies}
+    # For each hey run also: the CPU split into user and system time, and how much
+    # of the machine stayed idle (a saturated machine leaves ~0 %).
+    split_keys = tuple(f"{k}_{part}" for k in ("tls", "http") for part in ("user", "sys", "idle"))
+    runs: dict[str, dict[str, list[float]]] = {p.name: {k: [] for k in keys + split_keys} for p in proxies}
     for proxy in proxies:
         proxy.start(work)
     try:
@@ -430,12 +452,16 @@ def new_connections(proxies: list[Proxy], origin_port: int, args: argparse.Names
                 cpu = cpu_seconds(proxy.proc.pid) - cpu0
                 r["connect"].append(rate)
                 r["cpu_us"].append(cpu / (rate * (time.monotonic() - t0)) * 1e6)
-                for url, rate_key, cpu_key in ((secure, "hey_tls", "cpu_tls"), (small, "hey_http", "cpu_http")):
-                    cpu0, t0 = cpu_seconds(proxy.proc.pid), time.monotonic()
+                for url, kind in ((secure, "tls"), (small, "http")):
+                    (user0, sys0), idle0, t0 = cpu_split(proxy.proc.pid), machine_idle(), time.monotonic()
                     rate = hey(url, proxy.port, args.duration)
-                    cpu = cpu_seconds(proxy.proc.pid) - cpu0
-                    r[rate_key].append(rate)
-                    r[cpu_key].append(cpu / (rate * (time.monotonic() - t0)) * 1e6)
+                    (user1, sys1), idle1 = cpu_split(proxy.proc.pid), machine_idle()
+                    requests = rate * (time.monotonic() - t0)
+                    r[f"hey_{kind}"].append(rate)
+                    r[f"cpu_{kind}"].append((user1 - user0 + sys1 - sys0) / requests * 1e6)
+                    r[f"{kind}_user"].append((user1 - user0) / requests * 1e6)
+                    r[f"{kind}_sys"].append((sys1 - sys0) / requests * 1e6)
+                    r[f"{kind}_idle"].append((idle1[0] - idle0[0]) / max(1, idle1[1] - idle0[1]) * 100)
     finally:
         for proxy in proxies:
             proxy.stop()
@@ -449,7 +475,55 @@ def new_connections(proxies: list[Proxy], origin_port: int, args: argparse.Names
     for name, r in runs.items():
         cells = [f"{statistics.median(r[k]):.0f} ({', '.join(f'{v:.0f}' for v in r[k])})" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    lines += [
+        "",
+        "CPU per hey request split into user and system time, and the machine's idle share during the run (medians):",
+        "",
+        "| target | https: user µs | system µs | machine idle | http: user µs | system µs | machine idle |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in runs.items():
+        cells = [f"{statistics.median(r[k]):.0f}" + (" %" if k.endswith("idle") else "") for k in split_keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + paired_ratios(runs, NEW_CONNECTION_BARS))
+
+
+# The bars, each measure against the peer it is compared with: (measure, peer, column title).
+Bars = tuple[tuple[str, str, str], ...]
+NEW_CONNECTION_BARS: Bars = (
+    ("connect", "squid", "CONNECT/s ÷ squid"),
+    ("hey_tls", "squid", "hey https ÷ squid"),
+    ("hey_http", "tinyproxy", "hey http, new conn per request ÷ tinyproxy"),
+)
+KEEP_ALIVE_BARS: Bars = (
+    ("rps", "squid", "c=64 req/s ÷ squid"),
+    ("p99_ms", "squid", "p99 ÷ squid's"),
+    ("cpu_us", "squid", "CPU per request ÷ squid's"),
+)
+
+
+def paired_ratios(runs: dict[str, dict[str, list[float]]], bars: Bars) -> list[str]:
+    """Each proxygate target against the bars' peers, round by round: a round's targets run
+    seconds apart, so a drift of the shared machine moves both sides of a ratio alike
+    (the medians of the table above can come from different rounds)."""
+    bars = tuple((key, peer, title) for key, peer, title in bars if peer in runs)
+    targets = [name for name in runs if name.startswith("proxygate")]
+    if not bars or not targets:
+        return []
+    lines = [
+        "",
+        "Round by round against the bars' peers (median of the rounds' ratios; each round's in brackets):",
+        "",
+        "| target | " + " | ".join(title for _, _, title in bars) + " |",
+        "|---|" + "---|" * len(bars),
+    ]
+    for name in targets:
+        cells = []
+        for key, peer, _ in bars:
+            ratios = [ours / theirs for ours, theirs in zip(runs[name][key], runs[peer][key], strict=True) if theirs]
+            cells.append(f"{statistics.median(ratios):.2f} ({', '.join(f'{v:.2f}' for v in ratios)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def uvloop_run(coro: Any) -> float:
@@ -563,7 +637,8 @@ def interleaved(proxies: list[Proxy], origin_port: int, args: argparse.Namespace
             f"| {name} | {median_of(rs, 'rps'):.0f} | {each} | {median_of(rs, 'p50_ms'):.2f} "
             f"| {median_of(rs, 'p99_ms'):.2f} | {p99s} | {median_of(rs, 'cpu_us'):.0f} |"
         )
-    return "\n".join(lines)
+    by_measure = {name: {key: [r[key] for r in rs] for key in ("rps", "p99_ms", "cpu_us")} for name, rs in runs.items()}
+    return "\n".join(lines + paired_ratios(by_measure, KEEP_ALIVE_BARS))
 
 
 def hey_at_rate(url: str, proxy_port: int, conns: int, rate: int, duration: float) -> dict[str, float]:
