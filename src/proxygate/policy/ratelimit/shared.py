@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import mmap
 import multiprocessing
-import struct
 import time
 from collections.abc import Callable
 
@@ -32,10 +31,8 @@ log = logging.getLogger("proxygate.ratelimit")
 
 PROBE = 16
 STALE_LOCK = 0.05
-_HASHES = struct.Struct(f"<{PROBE}Q")
-_STATES = struct.Struct(f"<{2 * PROBE}d")
-_HASH = struct.Struct("<Q")
-_STATE = struct.Struct("<dd")
+_HASH_SIZE = 8  # bytes per key hash (an unsigned 64-bit integer)
+_STATE_SIZE = 16  # bytes per (level, last) pair of doubles
 
 
 def key_hash(key: str) -> int:
@@ -59,13 +56,18 @@ class SharedMemoryLimiter:
         slots = 1 << max(10, (2 * max_clients - 1).bit_length())  # at least twice the clients tracked
         self._mask = slots - 1
         total = slots + PROBE  # the probe window never wraps around
-        self._states_at = total * _HASH.size
-        size = self._states_at + total * _STATE.size
-        self._map = mmap.mmap(-1, size)  # anonymous and MAP_SHARED: forked processes see one table
+        states_at = total * _HASH_SIZE
+        # Anonymous and MAP_SHARED: forked processes see one table.
+        self._map = mmap.mmap(-1, states_at + total * _STATE_SIZE)
+        # The table read and written in place, item by item: a struct's unpack
+        # makes a tuple per read (a check cost 11.5k instructions that way, 8.2k now).
+        view = memoryview(self._map)
+        self._hashes = view[:states_at].cast("Q")  # slot -> key hash
+        self._states = view[states_at:].cast("d")  # 2 * slot -> level, 2 * slot + 1 -> last
         self._lock = multiprocessing.get_context("fork").Lock()
-        # Per process: where a key was last found, checked against the
-        # slot's hash before use (another process may have reused the slot).
-        self._where: dict[str, int] = {}
+        # Per process: where a key was last found and its hash, checked against
+        # the slot's hash before use (another process may have reused the slot).
+        self._where: dict[str, tuple[int, int]] = {}
         self._where_cap = max_clients
 
     async def check(self, key: str) -> Decision:
@@ -80,38 +82,39 @@ class SharedMemoryLimiter:
 
     def charge_now(self, key: str, spec: BucketSpec, cost: float, force: bool) -> tuple[bool, float]:
         """Add `cost` to the bucket `key` of shape `spec` (see BucketSpec.charge); (allowed, level)."""
-        h = key_hash(key)
-        table = self._map
+        states = self._states
         lock = self._lock
-        slot = self._where.get(key, -1)
+        where = self._where.get(key)
         if not lock.acquire(True, STALE_LOCK):
             self._break_lock()
         try:
             now = self.clock()
-            if slot >= 0 and _HASH.unpack_from(table, slot * _HASH.size)[0] == h:
-                level, last = _STATE.unpack_from(table, self._states_at + slot * _STATE.size)
+            if where is not None and self._hashes[where[0]] == where[1]:
+                at = 2 * where[0]
+                level, last = states[at], states[at + 1]
             else:
+                h = key_hash(key)
                 slot, level, last = self._find(h, now)
-                remember(self._where, key, slot, self._where_cap)
+                remember(self._where, key, (slot, h), self._where_cap)
+                at = 2 * slot
             allowed, level = spec.charge(level, last, now, cost, force)
-            _STATE.pack_into(table, self._states_at + slot * _STATE.size, level, now)
+            states[at] = level
+            states[at + 1] = now
         finally:
             lock.release()
         return allowed, level
 
     def _find(self, h: int, now: float) -> tuple[int, float, float]:
         """(slot, level, last) of hash `h`, claiming a slot in its window if it has none."""
-        table = self._map
         home = h & self._mask
-        hashes = _HASHES.unpack_from(table, home * _HASH.size)
+        hashes = self._hashes[home : home + PROBE].tolist()
         try:
             slot = home + hashes.index(h)
         except ValueError:
             slot = home + self._victim(hashes, home, now)
-            _HASH.pack_into(table, slot * _HASH.size, h)
+            self._hashes[slot] = h
             return slot, 0.0, now
-        level, last = _STATE.unpack_from(table, self._states_at + slot * _STATE.size)
-        return slot, level, last
+        return slot, self._states[2 * slot], self._states[2 * slot + 1]
 
     def _break_lock(self) -> None:
         log.error("rate-limit table lock held for %gs: a process died holding it; taking it over", STALE_LOCK)
@@ -121,13 +124,13 @@ class SharedMemoryLimiter:
             pass  # released meanwhile after all
         self._lock.acquire()
 
-    def _victim(self, hashes: tuple[int, ...], home: int, now: float) -> int:
+    def _victim(self, hashes: list[int], home: int, now: float) -> int:
         """The window offset a new key takes: free, else drained, else least recently seen."""
         try:
             return hashes.index(0)
         except ValueError:
             pass
-        states = _STATES.unpack_from(self._map, self._states_at + home * _STATE.size)
+        states = self._states[2 * home : 2 * (home + PROBE)].tolist()
         drained = self.spec.drained
         oldest, oldest_at = 0, float("inf")
         for i in range(PROBE):
@@ -142,10 +145,10 @@ class SharedMemoryLimiter:
         """Buckets not yet drained (a scan of the table: for tests and debugging)."""
         now = self.clock()
         count = 0
-        for slot in range(self._mask + 1 + PROBE):
-            if _HASH.unpack_from(self._map, slot * _HASH.size)[0]:
-                level, last = _STATE.unpack_from(self._map, self._states_at + slot * _STATE.size)
-                count += self.spec.drained(level, last, now) > 0.0
+        states = self._states
+        for slot, h in enumerate(self._hashes):
+            if h:
+                count += self.spec.drained(states[2 * slot], states[2 * slot + 1], now) > 0.0
         return count
 
     async def aclose(self) -> None:
