@@ -9,7 +9,7 @@ and count it), without the kernel, the client or the origin that share the
 CPU in `proxy_bench.py`. Keep-alive on both sides, as wrk's c=N runs.
 
     .venv/bin/python bench/hotpath_bench.py [--requests 20000] [--runs 5] [--clients 1]
-        [--connect | --new-connections] [--instructions]
+        [--connect | --new-connections] [--processes N] [--instructions]
 
 Prints the median CPU microseconds per request over the runs (and each
 run). With `--clients N`, N connections each keep one request in flight.
@@ -20,8 +20,11 @@ turn): the Python cost of a tunnel's life, without the socket calls;
 response down: about what a TLS handshake and one request make).
 With `--new-connections`, each request comes on a new client connection
 (`Connection: close`, as `hey -disable-keepalive` sends it), the upstream
-connection pooled. With `--instructions`, each measure is instead the
-instructions executed per request, counted by valgrind's callgrind (runs of
+connection pooled. With `--processes N` (N > 1), the rate limiter's store is
+the shared-memory one a gateway served by N processes uses (the default on a
+machine with several CPUs); otherwise the in-process one. With
+`--instructions`, each measure is instead the instructions executed per
+request, counted by valgrind's callgrind (runs of
 N and 2N requests, so what does not grow with the requests cancels out):
 the same count whatever else the machine is doing, so a before/after of a
 few percent holds on a noisy machine (use `--requests 1000`; valgrind is
@@ -60,6 +63,7 @@ from proxygate.config import GatewaySettings  # noqa: E402
 from proxygate.gateway import Gateway  # noqa: E402
 from proxygate.http.connection import ClientConnection  # noqa: E402
 from proxygate.observability.logging import AccessLog  # noqa: E402
+from proxygate.policy.ratelimit import build_limiter  # noqa: E402
 from proxygate.proxy import dial  # noqa: E402
 from proxygate.server import _quiet_gc as quiet_gc  # noqa: E402
 from proxygate.wiring import build_gateway  # noqa: E402
@@ -72,9 +76,11 @@ RESPONSE = (
 )
 
 
-def bench_settings() -> GatewaySettings:
-    """The defaults, with the memory rate limiter checking every request against a budget the load never exhausts."""
-    return dataclasses.replace(GatewaySettings(), rate_limit=10**9, rate_burst=10**9)
+def bench_settings(processes: int = 1) -> GatewaySettings:
+    """The defaults, with the memory rate limiter checking every request against a budget the
+    load never exhausts; `processes` > 1: its store is the shared-memory one of a gateway
+    served by that many processes (the default on a machine with several CPUs)."""
+    return dataclasses.replace(GatewaySettings(), rate_limit=10**9, rate_burst=10**9, workers=processes)
 
 
 def _dropped(data: bytes) -> None:
@@ -175,7 +181,8 @@ def bench_gateway(settings: GatewaySettings) -> Iterator[Gateway]:
     garbage collector set as `serve` sets it (what exists now frozen, collections rarer);
     the access log is formatted as in production and written to /dev/null."""
     with open(os.devnull, "w") as devnull:
-        gateway = build_gateway(settings, access_log=AccessLog("json", stream=devnull))
+        limiter = build_limiter(settings, processes=settings.workers)
+        gateway = build_gateway(settings, access_log=AccessLog("json", stream=devnull), limiter=limiter)
         gateway.bound(3128)
         quiet_gc()
         yield gateway
@@ -217,7 +224,7 @@ async def serially(gateway: Gateway, requests: int, open_one: Callable[[], None]
     return (time.process_time() - started) / requests * 1e6
 
 
-async def connect_once(requests: int, relay: int = 0) -> float:
+async def connect_once(requests: int, relay: int = 0, processes: int = 1) -> float:
     """CPU per CONNECT tunnel: new client connection, CONNECT, 200, `relay` exchanges through
     the tunnel (a message up, one down: a TLS handshake is about two), client EOF, origin EOF,
     both closed."""
@@ -230,7 +237,7 @@ async def connect_once(requests: int, relay: int = 0) -> float:
     dial._connect = fake_connect  # type: ignore[assignment]
     loop = asyncio.get_running_loop()
     connect = b"CONNECT 127.0.0.2:443 HTTP/1.1\r\nHost: 127.0.0.2:443\r\n\r\n"
-    with bench_gateway(dataclasses.replace(bench_settings(), deny_destinations=())) as gateway:
+    with bench_gateway(dataclasses.replace(bench_settings(processes), deny_destinations=())) as gateway:
 
         def tunnel() -> None:
             left = [relay]
@@ -304,7 +311,7 @@ async def floor_once(requests: int, relay: int = 0) -> float:
     return (time.process_time() - started) / requests * 1e6
 
 
-async def new_connection_once(requests: int) -> float:
+async def new_connection_once(requests: int, processes: int = 1) -> float:
     """CPU per proxied request on a new client connection (`Connection: close`, as
     `hey -disable-keepalive` sends), the upstream connection pooled."""
     request = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
@@ -313,7 +320,7 @@ async def new_connection_once(requests: int) -> float:
         if not data.startswith(b"HTTP/1.1 200 "):
             raise SystemExit(f"not a 200: {data[:80]!r}")
 
-    with bench_gateway(bench_settings()) as gateway:
+    with bench_gateway(bench_settings(processes)) as gateway:
         gateway.pool.dialer = FakeOrigin()  # type: ignore[assignment]
 
         def one() -> None:
@@ -323,8 +330,8 @@ async def new_connection_once(requests: int) -> float:
         return await serially(gateway, requests, one)
 
 
-async def run_once(requests: int, clients: int) -> float:
-    with bench_gateway(bench_settings()) as gateway:
+async def run_once(requests: int, clients: int, processes: int = 1) -> float:
+    with bench_gateway(bench_settings(processes)) as gateway:
         gateway.pool.dialer = FakeOrigin()  # type: ignore[assignment]
         loop = asyncio.get_running_loop()
         per_client = requests // clients
@@ -428,6 +435,12 @@ def main() -> None:
     )
     parser.add_argument("--new-connections", action="store_true", help="a new client connection per request")
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="the stores of a gateway served by this many processes (the shared-memory rate limiter)",
+    )
+    parser.add_argument(
         "--instructions", action="store_true", help="count instructions per request with callgrind instead of CPU time"
     )
     parser.add_argument("--callgrind-toggle", action="store_true", help=argparse.SUPPRESS)
@@ -486,10 +499,10 @@ def main() -> None:
 
 def one_run(args: argparse.Namespace, requests: int) -> Coroutine[Any, Any, float]:
     if args.connect:
-        return floor_once(requests, args.relay) if args.floor else connect_once(requests, args.relay)
+        return floor_once(requests, args.relay) if args.floor else connect_once(requests, args.relay, args.processes)
     if args.new_connections:
-        return new_connection_once(requests)
-    return run_once(requests, args.clients)
+        return new_connection_once(requests, args.processes)
+    return run_once(requests, args.clients, args.processes)
 
 
 def instructions_per_request(args: argparse.Namespace) -> float:
@@ -521,6 +534,8 @@ def instructions_per_request(args: argparse.Namespace) -> float:
             *mode,
             "--clients",
             str(args.clients),
+            "--processes",
+            str(args.processes),
             "--requests",
             str(n),
             "--callgrind-toggle",
